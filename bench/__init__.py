@@ -1,0 +1,1 @@
+"""Benchmarks: each module measures one thing, writes bench/results/<name>.json and prints a table."""

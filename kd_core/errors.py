@@ -1,0 +1,25 @@
+"""Exceptions the engine raises; each carries a message fit to show a user."""
+
+
+class KDError(Exception):
+    """Base class: every engine error has a human-readable message."""
+
+
+class ConfigError(KDError):
+    """An experiment config is malformed (unknown key, wrong type, bad value)."""
+
+
+class DatasetError(KDError):
+    """A dataset file is unreadable or malformed; the message names the problem."""
+
+
+class CheckpointError(KDError):
+    """A checkpoint is unreadable, unsafe, or does not fit the dataset."""
+
+
+class TrainingError(KDError):
+    """Training cannot go on (a NaN or infinite loss, for instance)."""
+
+
+class Cancelled(KDError):
+    """The caller's stop signal asked the run to stop."""
