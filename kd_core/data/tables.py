@@ -1,0 +1,276 @@
+"""NPZ and CSV uploads: read with safety caps, never unpickling anything."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import zipfile
+from array import array
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kd_core.data import dataset as limits
+from kd_core.data.dataset import RawData
+from kd_core.errors import DatasetError
+
+MAX_NPZ_MEMBERS = 64
+MAX_CSV_BYTES = 1024**3
+MAX_CSV_COLUMNS = 100_000
+NPZ_KEYS = ("x", "y", "x_val", "y_val", "x_test", "y_test", "class_names")
+
+
+def load_npz(path: Path, options: dict[str, Any]) -> RawData:
+    """x, y and optional x_val/y_val, x_test/y_test, class_names; sizes checked before loading."""
+    _check_npz_headers(path)
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            ignored = sorted(k for k in npz.files if k not in NPZ_KEYS)
+            for key in NPZ_KEYS:
+                if key in npz.files:
+                    arrays[key] = npz[key]
+    except DatasetError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read the NPZ file: {exc}") from exc
+    if "x" not in arrays:
+        raise DatasetError(
+            f"the NPZ file has no array 'x' (it has: {', '.join(sorted(arrays) + ignored) or 'none'})"
+        )
+    x = arrays["x"]
+    warnings = []
+    if x.ndim == 4 and x.shape[1] not in (1, 2, 3, 4) and x.shape[3] in (1, 3, 4):
+        raise DatasetError(
+            f"'x' has shape {x.shape}, which looks channels-last (N, H, W, C); "
+            "save images channels-first (N, C, H, W), e.g. np.transpose(x, (0, 3, 1, 2))"
+        )
+    if x.ndim == 3:
+        warnings.append(
+            f"'x' has shape {x.shape}: treated as feature arrays; save images as (N, 1, H, W) for image models"
+        )
+    y = arrays.get("y")
+    for key in ("y", "y_val", "y_test"):
+        if key in arrays and arrays[key].dtype.kind in "USO":
+            raise DatasetError(
+                f"'{key}' holds strings; store integer labels and put the names in a 'class_names' array"
+            )
+    class_names = None
+    if "class_names" in arrays:
+        names = arrays["class_names"]
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise DatasetError("'class_names' must be a 1-D array of strings")
+        try:
+            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+        except UnicodeDecodeError as exc:
+            raise DatasetError("'class_names' is not valid UTF-8 text") from exc
+    info: dict[str, Any] = {}
+    if ignored:
+        info["ignored_arrays"] = ignored
+    if warnings:
+        info["warnings"] = warnings
+    return RawData(
+        name=path.stem,
+        format="npz",
+        x=x,
+        y=y,
+        x_val=arrays.get("x_val"),
+        y_val=arrays.get("y_val"),
+        x_test=arrays.get("x_test"),
+        y_test=arrays.get("y_test"),
+        class_names=class_names,
+        is_image=x.ndim == 4,
+        info=info,
+    )
+
+
+def _check_npz_headers(path: Path) -> None:
+    """Read every member's .npy header: refuse object arrays and oversized shapes before allocating."""
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(
+            "the file is not an NPZ archive (save it with numpy.savez or numpy.savez_compressed)"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_NPZ_MEMBERS:
+                raise DatasetError(
+                    f"the NPZ file holds {len(infos)} arrays; at most {MAX_NPZ_MEMBERS} are allowed"
+                )
+            total = 0
+            for info in infos:
+                key = info.filename.removesuffix(".npy")
+                if not info.filename.endswith(".npy"):
+                    raise DatasetError(f"the NPZ file holds '{info.filename}', which is not a .npy array")
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise DatasetError(f"array '{key}' uses an unsupported .npy format version {version}")
+                if dtype.hasobject:
+                    raise DatasetError(
+                        f"array '{key}' holds Python objects, which would have to be unpickled; "
+                        "refused for safety: store plain numeric or string arrays"
+                    )
+                if dtype.names is not None:
+                    raise DatasetError(f"array '{key}' is a structured (record) array; store plain arrays")
+                total += math.prod(shape) * dtype.itemsize
+                if total > limits.MAX_ARRAY_BYTES:
+                    raise DatasetError(
+                        f"the NPZ arrays would take more than {limits.MAX_ARRAY_BYTES // 1024**2} MiB in memory"
+                    )
+    except DatasetError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read the NPZ file: {exc}") from exc
+
+
+def load_csv(path: Path, options: dict[str, Any]) -> RawData:
+    """Numeric feature columns plus an optional label column (integers or class-name strings)."""
+    explicit = "label_column" in options
+    label_column = options.get("label_column", "label")
+    if not isinstance(label_column, str) or not label_column:
+        raise DatasetError(f"dataset option 'label_column' must be a column name, got {label_column!r}")
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise DatasetError(f"the CSV file is larger than {MAX_CSV_BYTES // 1024**2} MiB")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return _parse_csv(f, path.stem, label_column, explicit)
+    except UnicodeDecodeError as exc:
+        raise DatasetError("the CSV file is not UTF-8 text") from exc
+    except csv.Error as exc:
+        raise DatasetError(f"the CSV file is malformed: {exc}") from exc
+
+
+def _parse_csv(f: io.TextIOBase, name: str, label_column: str, explicit: bool) -> RawData:
+    sample = f.read(65536)
+    f.seek(0)
+    try:
+        dialect: Any = csv.Sniffer().sniff(sample, delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(f, dialect)
+    header = next(reader, None)
+    if not header or not any(h.strip() for h in header):
+        raise DatasetError("the CSV file is empty; its first line must name the columns")
+    header = [h.strip() for h in header]
+    if len(header) > MAX_CSV_COLUMNS:
+        raise DatasetError(f"the CSV file has {len(header)} columns; at most {MAX_CSV_COLUMNS} are allowed")
+    if all(_is_number(h) for h in header):
+        raise DatasetError("the CSV file's first line must name the columns, but it holds numbers")
+    seen = set()
+    for h in header:
+        if h in seen:
+            raise DatasetError(f"the CSV header names column '{h}' twice")
+        seen.add(h)
+    label_idx = _find_column(header, label_column)
+    if label_idx is None and explicit:
+        raise DatasetError(
+            f"the CSV file has no label column '{label_column}' (columns: {', '.join(header[:20])})"
+        )
+    feat_idx = [i for i in range(len(header)) if i != label_idx]
+    if not feat_idx:
+        raise DatasetError("the CSV file has no feature columns besides the label")
+
+    values = array("d")
+    labels: list[str] = []
+    lines: list[int] = []
+    for row in reader:
+        line = reader.line_num
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # blank line
+        if len(row) != len(header):
+            raise DatasetError(
+                f"line {line} of the CSV file has {len(row)} fields but the header has {len(header)}"
+            )
+        try:
+            values.extend(float(row[i]) for i in feat_idx)
+        except ValueError:
+            for i in feat_idx:
+                if not _is_number(row[i]):
+                    raise DatasetError(
+                        f"column '{header[i]}' is not numeric: row {len(lines) + 1} (line {line}) "
+                        f"holds {row[i][:40]!r}"
+                    ) from None
+            raise DatasetError(f"line {line} of the CSV file could not be read as numbers") from None
+        if label_idx is not None:
+            label = row[label_idx].strip()
+            if not label:
+                raise DatasetError(
+                    f"row {len(lines) + 1} (line {line}) has an empty '{header[label_idx]}' label"
+                )
+            labels.append(label)
+        lines.append(line)
+        if len(values) * 4 > limits.MAX_ARRAY_BYTES:
+            raise DatasetError(f"the CSV data would take more than {limits.MAX_ARRAY_BYTES // 1024**2} MiB")
+    if not lines:
+        raise DatasetError("the CSV file has a header but no data rows")
+    x = np.frombuffer(values, dtype=np.float64).reshape(len(lines), len(feat_idx))
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise DatasetError(
+            f"column '{header[feat_idx[c]]}' holds {x[r, c]} at row {r + 1} (line {lines[r]}); "
+            "missing or infinite values are not allowed"
+        )
+    y, class_names = _csv_labels(labels, lines) if label_idx is not None else (None, None)
+    info: dict[str, Any] = {"feature_names": [header[i] for i in feat_idx]}
+    if label_idx is not None:
+        info["label_column"] = header[label_idx]
+    return RawData(
+        name=name,
+        format="csv",
+        x=x.astype(np.float32),
+        y=y,
+        class_names=class_names,
+        fingerprint_options={"label_column": header[label_idx] if label_idx is not None else None},
+        info=info,
+    )
+
+
+def _find_column(header: list[str], name: str) -> int | None:
+    if name in header:
+        return header.index(name)
+    folded = [i for i, h in enumerate(header) if h.casefold() == name.casefold()]
+    return folded[0] if len(folded) == 1 else None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_labels(labels: list[str], lines: list[int]) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels index the classes; any non-numeric label makes them all class names (sorted)."""
+    if all(_is_number(v) for v in labels):
+        nums = np.array([float(v) for v in labels])
+        bad = ~np.isfinite(nums) | (nums != np.round(nums))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DatasetError(
+                f"labels must be integers or class names; row {i + 1} (line {lines[i]}) has {labels[i]!r}"
+            )
+        if nums.max() >= limits.MAX_CLASSES:
+            i = int(np.argmax(nums))
+            raise DatasetError(
+                f"label {labels[i]!r} on line {lines[i]} is too large: at most {limits.MAX_CLASSES} classes"
+            )
+        if nums.min() < 0:
+            i = int(np.argmin(nums))
+            raise DatasetError(f"labels must be >= 0; row {i + 1} (line {lines[i]}) has {labels[i]!r}")
+        return nums.astype(np.int64), None
+    names = sorted(set(labels))
+    if len(names) > limits.MAX_CLASSES:
+        raise DatasetError(
+            f"the label column has {len(names)} distinct values; at most {limits.MAX_CLASSES} classes"
+        )
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[v] for v in labels], dtype=np.int64), names
