@@ -1,0 +1,94 @@
+"""WS /ws/experiments/{id}/ through the real ASGI application: auth, ownership, origin, forwarding."""
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+
+from webapp.asgi import application
+from webapp.studio.models import ApiToken
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+
+
+def communicator(experiment_id: int, *headers: tuple[bytes, bytes]) -> WebsocketCommunicator:
+    return WebsocketCommunicator(application, f"/ws/experiments/{experiment_id}/", headers=list(headers))
+
+
+async def token_for(user) -> str:
+    return (await sync_to_async(ApiToken.issue)(user))[1]
+
+
+async def test_owner_receives_group_messages(owner, make_experiment):
+    experiment = await sync_to_async(make_experiment)(owner)
+    key = await token_for(owner)
+    ws = communicator(experiment.pk, ORIGIN, (b"authorization", f"Token {key}".encode()))
+    connected, _ = await ws.connect()
+    assert connected
+    message = {"type": "metric", "step": 10, "values": {"train_loss": 0.5}}
+    await get_channel_layer().group_send(
+        f"experiment-{experiment.pk}", {"type": "experiment.message", "message": message}
+    )
+    assert await ws.receive_json_from(timeout=2) == message
+    await ws.send_json_to({"type": "ping"})
+    assert await ws.receive_json_from(timeout=2) == {"type": "pong"}
+    await ws.disconnect()
+
+
+async def test_token_client_without_origin_is_allowed(owner, make_experiment):
+    experiment = await sync_to_async(make_experiment)(owner)
+    key = await token_for(owner)
+    ws = communicator(experiment.pk, (b"authorization", f"Token {key}".encode()))
+    connected, _ = await ws.connect()
+    assert connected
+    await ws.disconnect()
+
+
+async def test_other_user_is_closed_with_4404(owner, other, make_experiment):
+    experiment = await sync_to_async(make_experiment)(owner)
+    key = await token_for(other)
+    ws = communicator(experiment.pk, ORIGIN, (b"authorization", f"Token {key}".encode()))
+    connected, _ = await ws.connect()
+    assert connected
+    assert await ws.receive_output(timeout=2) == {"type": "websocket.close", "code": 4404}
+    await get_channel_layer().group_send(
+        f"experiment-{experiment.pk}", {"type": "experiment.message", "message": {}}
+    )
+
+
+async def test_anonymous_is_closed_with_4403(owner, make_experiment):
+    experiment = await sync_to_async(make_experiment)(owner)
+    ws = communicator(experiment.pk, ORIGIN)
+    connected, _ = await ws.connect()
+    assert connected
+    assert await ws.receive_output(timeout=2) == {"type": "websocket.close", "code": 4403}
+
+
+async def test_foreign_origin_is_refused(owner, make_experiment):
+    experiment = await sync_to_async(make_experiment)(owner)
+    key = await token_for(owner)
+    ws = communicator(
+        experiment.pk, (b"origin", b"http://evil.example"), (b"authorization", f"Token {key}".encode())
+    )
+    connected, _ = await ws.connect()
+    assert not connected
+
+
+async def test_session_cookie_authenticates(owner, make_experiment):
+    from django.test import Client
+
+    experiment = await sync_to_async(make_experiment)(owner)
+    client = Client()
+    await sync_to_async(client.force_login)(owner)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    ws = communicator(experiment.pk, ORIGIN, (b"cookie", cookie))
+    connected, _ = await ws.connect()
+    assert connected
+    await get_channel_layer().group_send(
+        f"experiment-{experiment.pk}",
+        {"type": "experiment.message", "message": {"type": "status", "status": "running", "progress": 0.5}},
+    )
+    assert (await ws.receive_json_from(timeout=2))["progress"] == 0.5
+    await ws.disconnect()

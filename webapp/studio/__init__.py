@@ -1,0 +1,1 @@
+"""The studio app: datasets, checkpoints, experiments, their REST API and live WebSocket."""

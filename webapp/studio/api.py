@@ -1,0 +1,489 @@
+"""The REST API (thin views): parse and check the request, call services, answer JSON. See shared/API.md."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import connection
+from django.db.models import Max
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404
+from django.views.decorators.http import require_GET
+
+from webapp.celery import app as celery_app
+from webapp.studio import services
+from webapp.studio.auth import ApiError, api_view, error, json_body
+from webapp.studio.downsample import downsample
+from webapp.studio.models import Artifact, Checkpoint, Dataset, Experiment, MetricPoint
+
+DOWNLOAD_FORMATS = {"safetensors": "safetensors", "torchscript": "ts", "onnx": "onnx"}
+HEADLINE_METRICS = ("val_acc", "test_acc", "student_params", "teacher_acc", "best_replica")
+MAX_COMPARE = 20
+
+
+# --- JSON shapes ------------------------------------------------------------------------------
+
+
+def _time(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+def dataset_json(d: Dataset, detail: bool = False) -> dict[str, Any]:
+    info = d.inspection or {}
+    out = {
+        "id": d.pk,
+        "name": d.name,
+        "format": d.format,
+        "status": d.status,
+        "num_samples": info.get("num_samples"),
+        "num_classes": info.get("num_classes"),
+        "input_shape": info.get("input_shape"),
+        "class_names": info.get("class_names"),
+        "class_counts": info.get("class_counts"),
+        "empty_classes": info.get("empty_classes"),
+        "labeled": info.get("labeled"),
+        "is_image": info.get("is_image"),
+        "size": d.size,
+        "options": d.options,
+        "created": _time(d.created),
+    }
+    if detail:
+        out["splits"] = info.get("splits")
+        out["preview"] = info.get("preview")
+        out["inspection"] = info
+    return out
+
+
+def checkpoint_json(c: Checkpoint) -> dict[str, Any]:
+    return {
+        "id": c.pk,
+        "name": c.name,
+        "format": c.format,
+        "num_params": c.num_params,
+        "input_shape": c.input_shape,
+        "num_classes": c.num_classes,
+        "class_names": c.class_names,
+        "arch": c.arch,
+        "role": c.role,
+        "source_experiment": c.source_experiment_id,
+        "dataset": c.dataset_id,
+        "size": c.size,
+        "created": _time(c.created),
+    }
+
+
+def _ref(obj) -> dict[str, Any] | None:
+    return {"id": obj.pk, "name": obj.name} if obj else None
+
+
+def experiment_json(e: Experiment, detail: bool = False) -> dict[str, Any]:
+    out = {
+        "id": e.pk,
+        "name": e.name,
+        "kind": e.kind,
+        "status": e.status,
+        "progress": e.progress,
+        "eta_s": e.eta_s,
+        "error": e.error,
+        "dataset": _ref(e.dataset),
+        "teacher": _ref(e.teacher),
+        "sweep_group": e.sweep_group or None,
+        "created": _time(e.created),
+        "started": _time(e.started),
+        "finished": _time(e.finished),
+    }
+    if detail:
+        out.update(
+            config=e.config,
+            metrics=_finite(e.metrics),
+            timings=e.timings,
+            attempts=e.attempts,
+            cancel_requested=e.cancel_requested,
+            worker=e.worker,
+            device=e.device,
+            artifacts=[
+                {
+                    "kind": a.kind,
+                    "replica": a.replica,
+                    "size": a.size,
+                    "sha256": a.sha256,
+                    "url": _download_url(e, a),
+                }
+                for a in e.artifacts.all()
+                if a.kind in DOWNLOAD_FORMATS
+            ],
+        )
+    else:
+        out["metrics"] = _finite({k: e.metrics[k] for k in HEADLINE_METRICS if k in (e.metrics or {})})
+    return out
+
+
+def _download_url(e: Experiment, a: Artifact) -> str:
+    url = f"/api/experiments/{e.pk}/download/?format={a.kind}"
+    return url if a.replica is None else f"{url}&replica={a.replica}"
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: a diverged loss is reported as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+# --- query-string helpers ---------------------------------------------------------------------
+
+
+def _int_param(request: HttpRequest, key: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.GET.get(key)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(f"'{key}' must be an integer; got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ApiError(f"'{key}' must be between {lo} and {hi}; got {value}")
+    return value
+
+
+def _bool_param(request: HttpRequest, key: str) -> bool:
+    return request.GET.get(key, "").lower() in ("1", "true", "yes", "on")
+
+
+def _upload(request: HttpRequest):
+    if not request.content_type.startswith("multipart/form-data"):
+        raise ApiError("send multipart/form-data with a 'file' field")
+    files = request.FILES  # parsing happens here, streamed to temporary files
+    if getattr(request, "upload_too_large", False):
+        limit_mb = settings.KD_MAX_UPLOAD_BYTES // (1024 * 1024)
+        raise ApiError(f"the upload is larger than the limit of {limit_mb} MB", 413)
+    upload = files.get("file")
+    if upload is None:
+        raise ApiError("the 'file' field is missing")
+    return upload
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+
+@api_view(["GET", "POST"])
+def datasets(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":
+        rows = Dataset.objects.filter(owner=request.user)
+        return JsonResponse({"datasets": [dataset_json(d) for d in rows]})
+    upload = _upload(request)
+    options = {}
+    label_column = request.POST.get("label_column", "").strip()
+    if label_column:
+        options["label_column"] = label_column
+    image_size = request.POST.get("image_size", "").strip()
+    if image_size:
+        if not image_size.isdigit():
+            raise ApiError(f"'image_size' must be a positive integer; got {image_size!r}")
+        options["image_size"] = int(image_size)
+    dataset = services.create_dataset(request.user, upload, request.POST.get("name"), options)
+    return JsonResponse(dataset_json(dataset, detail=True), status=201)
+
+
+@api_view(["GET", "DELETE"])
+def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    if request.method == "DELETE":
+        services.delete_dataset(dataset)
+        return HttpResponse(status=204)
+    return JsonResponse(dataset_json(dataset, detail=True))
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+@api_view(["GET", "POST"])
+def checkpoints(request: HttpRequest) -> HttpResponse:
+    if request.method == "GET":
+        rows = Checkpoint.objects.filter(owner=request.user)
+        role = request.GET.get("role")
+        if role:
+            rows = rows.filter(role=role)
+        return JsonResponse({"checkpoints": [checkpoint_json(c) for c in rows]})
+    upload = _upload(request)
+    arch = None
+    raw_arch = request.POST.get("arch", "").strip()
+    if raw_arch:
+        try:
+            arch = json.loads(raw_arch)
+        except ValueError as exc:
+            raise ApiError(f"'arch' is not valid JSON: {exc}") from None
+    dataset = None
+    raw_dataset = request.POST.get("dataset", "").strip()
+    if raw_dataset:
+        if not raw_dataset.isdigit():
+            raise ApiError(f"'dataset' must be a dataset id; got {raw_dataset!r}")
+        dataset = Dataset.objects.filter(owner=request.user, pk=int(raw_dataset)).first()
+        if dataset is None:
+            raise ApiError(f"dataset {raw_dataset} not found among your datasets")
+    checkpoint = services.create_checkpoint(request.user, upload, request.POST.get("name"), arch, dataset)
+    return JsonResponse(checkpoint_json(checkpoint), status=201)
+
+
+@api_view(["GET", "DELETE"])
+def checkpoint_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    checkpoint = get_object_or_404(Checkpoint, pk=pk, owner=request.user)
+    if request.method == "DELETE":
+        services.delete_checkpoint(checkpoint)
+        return HttpResponse(status=204)
+    return JsonResponse(checkpoint_json(checkpoint))
+
+
+# --- experiments ------------------------------------------------------------------------------
+
+
+@api_view(["GET", "POST"])
+def experiments(request: HttpRequest) -> HttpResponse:
+    if request.method == "POST":
+        body = json_body(request)
+        created = services.create_experiments(request.user, body)
+        if "sweep" in body:
+            return JsonResponse(
+                {"ids": [e.pk for e in created], "sweep_group": created[0].sweep_group}, status=201
+            )
+        return JsonResponse({"id": created[0].pk, "status": created[0].status}, status=201)
+    rows = Experiment.objects.filter(owner=request.user).select_related("dataset", "teacher")
+    status = request.GET.get("status")
+    if status:
+        if status not in dict(Experiment.STATUSES):
+            raise ApiError(f"'status' must be one of {', '.join(dict(Experiment.STATUSES))}")
+        rows = rows.filter(status=status)
+    kind = request.GET.get("kind")
+    if kind:
+        rows = rows.filter(kind=kind)
+    dataset = _int_param(request, "dataset", None, 1, 2**62)
+    if dataset is not None:
+        rows = rows.filter(dataset_id=dataset)
+    if request.GET.get("sweep_group"):
+        rows = rows.filter(sweep_group=request.GET["sweep_group"])
+    limit = _int_param(request, "limit", 200, 1, 1000)
+    return JsonResponse({"experiments": [experiment_json(e) for e in rows[:limit]]})
+
+
+def _own_experiment(request: HttpRequest, pk: int) -> Experiment:
+    return get_object_or_404(
+        Experiment.objects.select_related("dataset", "teacher"), pk=pk, owner=request.user
+    )
+
+
+@api_view(["GET"])
+def experiment_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    return JsonResponse(experiment_json(_own_experiment(request, pk), detail=True))
+
+
+def series_of(
+    experiment: Experiment, *, since: int | None = None, with_time: bool = False, names=None
+) -> dict:
+    """{name: [[step, value(, time)], ...]} in step order, straight from the database."""
+    rows = MetricPoint.objects.filter(experiment=experiment)
+    if since is not None:
+        rows = rows.filter(step__gt=since)
+    if names:
+        rows = rows.filter(name__in=names)
+    fields = ("name", "step", "value", "time") if with_time else ("name", "step", "value")
+    series: dict[str, list] = {}
+    for name, *point in rows.order_by("name", "step").values_list(*fields).iterator(chunk_size=5000):
+        series.setdefault(name, []).append(point)
+    return series
+
+
+def _downsampled(series: dict, max_points: int | None) -> dict:
+    if not max_points:
+        return series
+    return {name: downsample(points, max_points) for name, points in series.items()}
+
+
+@api_view(["GET"])
+def experiment_metrics(request: HttpRequest, pk: int) -> HttpResponse:
+    experiment = _own_experiment(request, pk)
+    fmt = request.GET.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ApiError("'format' must be json or csv")
+    max_points = _int_param(request, "max_points", None, 2, 10_000_000)
+    since = _int_param(request, "since", None, -1, 2**62)
+    with_time = _bool_param(request, "with_time")
+    names = [n for n in request.GET.get("names", "").split(",") if n] or None
+    series = _downsampled(series_of(experiment, since=since, with_time=with_time, names=names), max_points)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["name", "step", "value", "time"] if with_time else ["name", "step", "value"])
+        for name, points in series.items():
+            for point in points:
+                writer.writerow([name, *point])
+        response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = (
+            f'attachment; filename="{_slug(experiment.name)}-{experiment.pk}-metrics.csv"'
+        )
+        return response
+    last = MetricPoint.objects.filter(experiment=experiment).aggregate(m=Max("step"))["m"]
+    return JsonResponse(
+        {
+            "series": _finite({k: [list(p) for p in v] for k, v in series.items()}),
+            "last_step": last,
+            "status": experiment.status,
+            "progress": experiment.progress,
+        }  # fmt: skip
+    )
+
+
+@api_view(["POST"])
+def experiment_cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    experiment = services.cancel_experiment(_own_experiment(request, pk))
+    return JsonResponse(
+        {"id": experiment.pk, "status": experiment.status, "cancel_requested": experiment.cancel_requested}
+    )
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:80] or "experiment"
+
+
+@api_view(["GET"])
+def experiment_download(request: HttpRequest, pk: int) -> HttpResponse:
+    experiment = _own_experiment(request, pk)
+    fmt = request.GET.get("format", "safetensors")
+    if fmt not in DOWNLOAD_FORMATS:
+        raise ApiError(f"'format' must be one of {', '.join(DOWNLOAD_FORMATS)}; got {fmt!r}")
+    replica = _int_param(request, "replica", None, 0, 1023)
+    artifacts = Artifact.objects.filter(experiment=experiment, kind=fmt)
+    if replica is not None:
+        artifact = artifacts.filter(replica=replica).first()
+    else:
+        # The experiment's model: the replica-less artifact, else the best codistill replica.
+        best = (experiment.metrics or {}).get("best_replica", 0)
+        artifact = artifacts.filter(replica__isnull=True).first() or artifacts.filter(replica=best).first()
+    if artifact is None:
+        which = f" for replica {replica}" if replica is not None else ""
+        raise ApiError(
+            f"experiment {experiment.pk} has no {fmt} file{which} (status: {experiment.status})", 404
+        )
+    suffix = "" if replica is None else f"-replica{replica}"
+    filename = f"{_slug(experiment.name)}-{experiment.pk}{suffix}.{DOWNLOAD_FORMATS[fmt]}"
+    try:
+        handle = artifact.file.open("rb")
+    except FileNotFoundError:
+        raise ApiError(f"the {fmt} file of experiment {experiment.pk} is missing from storage", 404) from None
+    return FileResponse(
+        handle, as_attachment=True, filename=filename, content_type="application/octet-stream"
+    )
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+@api_view(["GET"])
+def compare(request: HttpRequest) -> HttpResponse:
+    raw = request.GET.get("ids", "")
+    try:
+        ids = list(dict.fromkeys(int(part) for part in raw.split(",") if part.strip()))
+    except ValueError:
+        raise ApiError(f"'ids' must be comma-separated experiment ids; got {raw!r}") from None
+    if not ids:
+        raise ApiError("'ids' is required, e.g. ?ids=1,2,3")
+    if len(ids) > MAX_COMPARE:
+        raise ApiError(f"compare at most {MAX_COMPARE} experiments at once")
+    found = {e.pk: e for e in Experiment.objects.filter(owner=request.user, pk__in=ids)}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ApiError(f"experiment {missing[0]} not found", 404)
+    rows = [found[i] for i in ids]
+    max_points = _int_param(request, "max_points", 500, 2, 100_000)
+    flat = {e.pk: _flatten(e.config) for e in rows}
+    keys = sorted(set().union(*flat.values()))
+    differences = {}
+    for key in keys:
+        values = {e.pk: flat[e.pk].get(key) for e in rows}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            differences[key] = {str(pk): v for pk, v in values.items()}
+    return JsonResponse(
+        _finite(
+            {
+                "experiments": [
+                    {
+                        "id": e.pk,
+                        "name": e.name,
+                        "kind": e.kind,
+                        "status": e.status,
+                        "config": e.config,
+                        "metrics": e.metrics,
+                    }
+                    for e in rows
+                ],
+                "config_differences": differences,
+                "metrics": {str(e.pk): e.metrics for e in rows},
+                "series": {
+                    str(e.pk): {
+                        k: [list(p) for p in v] for k, v in _downsampled(series_of(e), max_points).items()
+                    }
+                    for e in rows
+                },
+            }
+        )
+    )
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    """200 when the database, Redis and enough Celery workers answer; else 503 naming what failed."""
+    body: dict[str, Any] = {}
+    failed = []
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        body["db"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        body["db"] = f"error: {exc}"
+        failed.append("db")
+    try:
+        redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1).ping()
+        body["redis"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        body["redis"] = f"error: {exc}"
+        failed.append("redis")
+    workers = 0
+    if "redis" not in failed or not settings.CELERY_BROKER_URL.startswith(("redis", "rediss")):
+        try:
+            workers = len(celery_app.control.ping(timeout=0.5) or [])
+        except Exception as exc:  # noqa: BLE001
+            body["workers_error"] = str(exc)
+    body["workers"] = workers
+    if workers < settings.KD_HEALTHZ_MIN_WORKERS:
+        failed.append("workers")
+    if failed:
+        body["error"] = f"unhealthy: {', '.join(failed)}"
+        return JsonResponse(body, status=503)
+    return JsonResponse(body)
+
+
+def not_found(request: HttpRequest, path: str = "") -> JsonResponse:
+    hint = "" if request.path.endswith("/") else f" (API paths end in '/': try {request.path}/)"
+    return error(f"no API endpoint at {request.path}{hint}", 404)

@@ -1,0 +1,261 @@
+"""What the studio stores: uploaded datasets and checkpoints, experiments, their metrics and artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from pathlib import PurePath
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+def _upload_to(prefix: str, instance: models.Model, filename: str) -> str:
+    # A fresh folder per upload: names never collide and the user's file name is kept for humans.
+    owner_id = getattr(instance, "owner_id", None) or "shared"
+    return f"{prefix}/{owner_id}/{uuid.uuid4().hex}/{PurePath(filename).name}"
+
+
+def dataset_upload_to(instance: Dataset, filename: str) -> str:
+    return _upload_to("datasets", instance, filename)
+
+
+def checkpoint_upload_to(instance: Checkpoint, filename: str) -> str:
+    return _upload_to("checkpoints", instance, filename)
+
+
+def artifact_upload_to(instance: Artifact, filename: str) -> str:
+    return f"experiments/{instance.experiment_id}/{uuid.uuid4().hex}/{PurePath(filename).name}"
+
+
+class Dataset(models.Model):
+    """An uploaded dataset file (or a built-in one, by name) with what inspecting it found."""
+
+    FORMATS = [
+        ("npz", "NPZ arrays"),
+        ("csv", "CSV table"),
+        ("zip", "ZIP of class folders"),
+        ("builtin", "built-in"),
+    ]
+    STATUSES = [("ready", "ready"), ("failed", "failed")]
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
+    name = models.CharField(max_length=200)
+    format = models.CharField(max_length=16, choices=FORMATS)
+    # Empty for a built-in dataset: `name` then is the built-in's name that kd_core loads.
+    file = models.FileField(upload_to=dataset_upload_to, max_length=500, blank=True)
+    size = models.BigIntegerField(default=0, help_text="bytes")
+    status = models.CharField(max_length=16, choices=STATUSES, default="ready")
+    # kd_core.data.inspect_dataset's answer: format, num_samples, num_classes, input_shape,
+    # class_names, class_counts, empty_classes, splits, labeled, is_image, preview.
+    inspection = models.JSONField(default=dict, blank=True)
+    # Loader options the user gave with the upload, e.g. {"label_column": "label"} for CSV.
+    options = models.JSONField(default=dict, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["owner", "-created"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.format})"
+
+    @property
+    def num_samples(self) -> int | None:
+        return self.inspection.get("num_samples")
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.inspection.get("num_classes")
+
+    @property
+    def input_shape(self) -> list[int] | None:
+        return self.inspection.get("input_shape")
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.inspection.get("class_names") or []
+
+
+class Checkpoint(models.Model):
+    """A model file: an uploaded teacher, or the model an experiment here trained (`source_experiment`)."""
+
+    FORMATS = [
+        ("safetensors", "safetensors"),
+        ("state_dict", "PyTorch state dict"),
+        ("torchscript", "TorchScript"),
+        ("onnx", "ONNX"),
+    ]
+    ROLES = [("teacher", "teacher"), ("student", "student")]
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="checkpoints")
+    name = models.CharField(max_length=200)
+    format = models.CharField(max_length=16, choices=FORMATS)
+    file = models.FileField(upload_to=checkpoint_upload_to, max_length=500)
+    size = models.BigIntegerField(default=0, help_text="bytes")
+    # The model spec ({"arch": "mlp", "hidden": [64]}) when known; None for TorchScript/ONNX.
+    arch = models.JSONField(null=True, blank=True)
+    num_params = models.BigIntegerField(null=True, blank=True)
+    input_shape = models.JSONField(null=True, blank=True)
+    num_classes = models.IntegerField(null=True, blank=True)
+    class_names = models.JSONField(default=list, blank=True)
+    role = models.CharField(max_length=16, choices=ROLES, default="teacher")
+    source_experiment = models.ForeignKey(
+        "Experiment", null=True, blank=True, on_delete=models.SET_NULL, related_name="trained_checkpoints"
+    )
+    # The dataset whose shape sized a bare state dict at upload, if the user named one.
+    dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["owner", "-created"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.format})"
+
+
+class Experiment(models.Model):
+    """One training job: its config, where it stands, and its final figures (the state of record)."""
+
+    KINDS = [("train", "train"), ("distill", "distill"), ("codistill", "codistill")]
+    QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+    STATUSES = [(s, s) for s in (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)]
+    ACTIVE = (QUEUED, RUNNING)
+    FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="experiments")
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=16, choices=KINDS)
+    # The validated config (kd_core.config.ExperimentConfig.to_dict()); dataset/teacher hold row ids.
+    config = models.JSONField(default=dict)
+    dataset = models.ForeignKey(Dataset, null=True, on_delete=models.SET_NULL, related_name="experiments")
+    teacher = models.ForeignKey(
+        Checkpoint, null=True, blank=True, on_delete=models.SET_NULL, related_name="taught_experiments"
+    )
+    status = models.CharField(max_length=16, choices=STATUSES, default=QUEUED, db_index=True)
+    progress = models.FloatField(default=0.0, help_text="0..1")
+    eta_s = models.FloatField(null=True, blank=True, help_text="estimated seconds left")
+    # Human-readable reason when failed (a kd_core error message, never a traceback).
+    error = models.TextField(blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    # Seconds spent per phase, e.g. {"queue_wait": 1.2, "teacher_cache": 0.4, "train": 30.1, "export": 2.0}.
+    timings = models.JSONField(default=dict, blank=True)
+    # Final/best figures: at least val_acc, test_acc, student_params when succeeded.
+    metrics = models.JSONField(default=dict, blank=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    # How many times a worker picked it up (more than 1 after a lost worker redelivered it).
+    attempts = models.IntegerField(default=0)
+    # The web side sets it; the worker's stop signal reads it and ends the run as cancelled.
+    cancel_requested = models.BooleanField(default=False)
+    # Experiments created together by one sweep request share this value.
+    sweep_group = models.CharField(max_length=64, blank=True, db_index=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="hostname of the worker that ran it")
+    device = models.CharField(max_length=64, blank=True, help_text="e.g. cuda:0 or cpu")
+
+    class Meta:
+        ordering = ["-created", "-id"]
+        indexes = [models.Index(fields=["owner", "-created"])]
+
+    def __str__(self) -> str:
+        return f"{self.name} [{self.status}]"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def group_name(self) -> str:
+        """The channel-layer group its live messages go to."""
+        return f"experiment-{self.pk}"
+
+
+class MetricPoint(models.Model):
+    """One value of one series at one step; writing the same (experiment, name, step) twice is harmless."""
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="metric_points")
+    name = models.CharField(max_length=64)
+    step = models.BigIntegerField()
+    value = models.FloatField()
+    # Wall-clock time of the measurement, Unix seconds.
+    time = models.FloatField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["experiment", "name", "step"], name="metricpoint_unique_step")
+        ]
+        # The unique constraint's index also serves "one experiment's series in step order".
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.step}={self.value}"
+
+
+class Artifact(models.Model):
+    """A file an experiment produced: the trained model in one export format (per replica for codistill)."""
+
+    KINDS = [
+        ("safetensors", "safetensors"),
+        ("torchscript", "TorchScript"),
+        ("onnx", "ONNX"),
+        ("checkpoint", "checkpoint"),
+    ]
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="artifacts")
+    kind = models.CharField(max_length=16, choices=KINDS)
+    # None: the experiment's model (for codistill, the best replica); K: codistill replica K.
+    replica = models.IntegerField(null=True, blank=True)
+    file = models.FileField(upload_to=artifact_upload_to, max_length=500)
+    size = models.BigIntegerField(default=0, help_text="bytes")
+    sha256 = models.CharField(max_length=64, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["experiment_id", "kind", "replica"]
+
+    def __str__(self) -> str:
+        suffix = "" if self.replica is None else f" replica {self.replica}"
+        return f"{self.kind}{suffix} of experiment {self.experiment_id}"
+
+
+def hash_token(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiToken(models.Model):
+    """An API key for scripts (`Authorization: Token <key>`); only its SHA-256 is stored."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    key_hash = models.CharField(max_length=64, unique=True)
+    # The first characters of the key, so a user can tell tokens apart without the secret.
+    prefix = models.CharField(max_length=8)
+    name = models.CharField(max_length=100, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    last_used = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"
+
+    @classmethod
+    def issue(cls, user, name: str = "") -> tuple[ApiToken, str]:
+        """Create a token; the plain key is returned once and never stored."""
+        key = secrets.token_hex(20)
+        token = cls.objects.create(user=user, key_hash=hash_token(key), prefix=key[:8], name=name)
+        return token, key
+
+    @classmethod
+    def user_for_key(cls, key: str):
+        """The active user a key belongs to, or None."""
+        if not key or len(key) > 128:
+            return None
+        token = cls.objects.select_related("user").filter(key_hash=hash_token(key)).first()
+        if token is None or not token.user.is_active:
+            return None
+        # Record use at most once a minute: a script polling every second should not write every time.
+        now = timezone.now()
+        if token.last_used is None or (now - token.last_used).total_seconds() > 60:
+            cls.objects.filter(pk=token.pk).update(last_used=now)
+        return token.user

@@ -1,0 +1,9 @@
+"""WebSocket routes."""
+
+from django.urls import path
+
+from webapp.studio.consumers import ExperimentConsumer
+
+websocket_urlpatterns = [
+    path("ws/experiments/<int:experiment_id>/", ExperimentConsumer.as_asgi()),
+]

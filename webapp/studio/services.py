@@ -1,0 +1,396 @@
+"""What the web side does to the studio's state: uploads, experiments, enqueueing, cancelling, broadcasts.
+
+Views call these and turn `ApiError` into JSON; the worker calls `register_trained_model`. Nothing here
+imports `workers`: jobs are enqueued by task name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from pathlib import PurePath
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+from django.utils import timezone
+
+from kd_core.config import parse_config, validate_model_spec
+from kd_core.errors import CheckpointError, ConfigError, DatasetError
+from webapp.celery import app as celery_app
+from webapp.studio.auth import ApiError
+from webapp.studio.models import Checkpoint, Dataset, Experiment
+from webapp.studio.storage import delete_quietly, local_path, save_local_file
+
+log = logging.getLogger(__name__)
+
+DATASET_EXTENSIONS = {".npz": "npz", ".csv": "csv", ".zip": "zip"}
+CHECKPOINT_EXTENSIONS = {
+    ".safetensors": "safetensors",
+    ".pt": "state_dict",
+    ".pth": "state_dict",
+    ".ts": "torchscript",
+    ".onnx": "onnx",
+}
+MAX_SWEEP = 64
+# Config keys a sweep may vary: the numeric and choice hyperparameters, not the data or the teacher.
+SWEEP_KEYS = {
+    "epochs", "max_steps", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
+    "temperature", "alpha", "soft_loss", "augment", "model",
+    "codistill.replicas", "codistill.burn_in_steps", "codistill.exchange_every", "codistill.loss",
+    "codistill.weight", "codistill.exchange", "codistill.data", "codistill.group_size",
+}  # fmt: skip
+
+
+def _extension(filename: str, allowed: dict[str, str], what: str) -> str:
+    suffix = PurePath(filename or "").suffix.lower()
+    if suffix not in allowed:
+        raise ApiError(f"{what} files must end in {', '.join(allowed)}; got {filename!r}")
+    return allowed[suffix]
+
+
+def _name(value: Any, fallback: str) -> str:
+    name = (value if isinstance(value, str) else "").strip() or fallback
+    if len(name) > 200:
+        raise ApiError("'name' must be at most 200 characters")
+    return name
+
+
+# --- datasets ---------------------------------------------------------------------------------
+
+
+def create_dataset(owner, upload: UploadedFile, name: str | None, options: dict[str, Any]) -> Dataset:
+    """Store an upload, inspect it with kd_core, and record it; on any failure nothing remains."""
+    from kd_core.data import inspect_dataset
+
+    fmt = _extension(upload.name, DATASET_EXTENSIONS, "dataset")
+    dataset = Dataset(owner=owner, name=_name(name, PurePath(upload.name).stem), format=fmt, options=options)
+    dataset.file.save(upload.name, upload, save=False)  # streamed in chunks to storage
+    try:
+        with local_path(dataset.file) as path:
+            inspection = inspect_dataset(str(path), options=options)
+        dataset.inspection = _jsonable(inspection)
+        dataset.size = dataset.file.size
+        dataset.save()
+    except DatasetError as exc:
+        delete_quietly(dataset.file.name)
+        raise ApiError(f"{upload.name}: {exc}") from None
+    except BaseException:
+        delete_quietly(dataset.file.name)
+        raise
+    return dataset
+
+
+def builtin_dataset(owner, name: str) -> Dataset:
+    """The user's row for a built-in dataset (created on first use), so experiments always point to a row."""
+    from kd_core.data import BUILTIN_DATASETS, inspect_dataset
+
+    if name not in BUILTIN_DATASETS:
+        raise ApiError(
+            f"'dataset' must be the id of one of your datasets or a built-in name ({', '.join(BUILTIN_DATASETS)})"
+        )
+    existing = Dataset.objects.filter(owner=owner, format="builtin", name=name).first()
+    if existing:
+        return existing
+    try:
+        inspection = _jsonable(inspect_dataset(name))
+    except DatasetError as exc:
+        raise ApiError(str(exc)) from None
+    return Dataset.objects.create(owner=owner, name=name, format="builtin", inspection=inspection)
+
+
+def delete_dataset(dataset: Dataset) -> None:
+    _refuse_if_in_use(Experiment.objects.filter(dataset=dataset), f"dataset {dataset.pk}")
+    name = dataset.file.name
+    dataset.delete()
+    transaction.on_commit(lambda: delete_quietly(name))
+
+
+def _refuse_if_in_use(experiments, what: str) -> None:
+    busy = list(experiments.filter(status__in=Experiment.ACTIVE).values_list("pk", flat=True)[:5])
+    if busy:
+        ids = ", ".join(str(i) for i in busy)
+        raise ApiError(f"{what} is used by queued or running experiment(s) {ids}; cancel them or wait", 409)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def create_checkpoint(
+    owner, upload: UploadedFile, name: str | None, arch: Any = None, dataset: Dataset | None = None
+) -> Checkpoint:
+    """Store an uploaded model file, inspect it (never unpickling), record it; on failure nothing remains."""
+    from kd_core.checkpoints import inspect_checkpoint
+
+    fmt = _extension(upload.name, CHECKPOINT_EXTENSIONS, "checkpoint")
+    if arch is not None:
+        try:
+            arch = validate_model_spec(arch, "arch")
+        except ConfigError as exc:
+            raise ApiError(str(exc)) from None
+    input_shape = dataset.input_shape if dataset else None
+    num_classes = dataset.num_classes if dataset else None
+    checkpoint = Checkpoint(
+        owner=owner, name=_name(name, PurePath(upload.name).stem), format=fmt, dataset=dataset
+    )
+    checkpoint.file.save(upload.name, upload, save=False)
+    try:
+        with local_path(checkpoint.file) as path:
+            info = inspect_checkpoint(str(path), arch=arch, input_shape=input_shape, num_classes=num_classes)
+        _fill_checkpoint(checkpoint, _jsonable(info))
+        checkpoint.size = checkpoint.file.size
+        checkpoint.save()
+    except CheckpointError as exc:
+        delete_quietly(checkpoint.file.name)
+        raise ApiError(f"{upload.name}: {exc}") from None
+    except BaseException:
+        delete_quietly(checkpoint.file.name)
+        raise
+    return checkpoint
+
+
+def _fill_checkpoint(checkpoint: Checkpoint, info: dict[str, Any]) -> None:
+    checkpoint.format = info.get("format") or checkpoint.format
+    checkpoint.arch = info.get("spec")
+    checkpoint.num_params = info.get("num_params")
+    checkpoint.input_shape = info.get("input_shape")
+    checkpoint.num_classes = info.get("num_classes")
+    checkpoint.class_names = info.get("class_names") or []
+
+
+def delete_checkpoint(checkpoint: Checkpoint) -> None:
+    _refuse_if_in_use(Experiment.objects.filter(teacher=checkpoint), f"checkpoint {checkpoint.pk}")
+    name = checkpoint.file.name
+    checkpoint.delete()
+    transaction.on_commit(lambda: delete_quietly(name))
+
+
+def register_trained_model(experiment: Experiment, path: str) -> Checkpoint:
+    """List a succeeded experiment's trained model among its owner's checkpoints (the worker calls this).
+
+    `path` is a local safetensors file written by kd_core's export (spec and class names in its
+    metadata). The file is copied into storage, so the checkpoint outlives the experiment's artifacts.
+    Calling it again for the same experiment returns the existing row.
+    """
+    existing = Checkpoint.objects.filter(source_experiment=experiment, role="student").first()
+    if existing:
+        return existing
+    from kd_core.checkpoints import inspect_checkpoint
+
+    info = _jsonable(inspect_checkpoint(str(path)))
+    checkpoint = Checkpoint(
+        owner_id=experiment.owner_id,
+        name=f"{experiment.name} (experiment {experiment.pk})"[:200],
+        format="safetensors",
+        role="student",
+        source_experiment=experiment,
+        dataset=experiment.dataset,
+    )
+    stored, size, _ = save_local_file(
+        path, checkpoint.file.field.generate_filename(checkpoint, PurePath(path).name)
+    )
+    checkpoint.file.name = stored
+    checkpoint.size = size
+    _fill_checkpoint(checkpoint, info)
+    try:
+        checkpoint.save()
+    except BaseException:
+        delete_quietly(stored)
+        raise
+    return checkpoint
+
+
+# --- experiments ------------------------------------------------------------------------------
+
+
+def create_experiments(owner, body: dict[str, Any]) -> list[Experiment]:
+    """Validate a config (or a sweep over one), save the experiments as queued, and enqueue them on commit."""
+    body = dict(body)
+    sweep = body.pop("sweep", None)
+    configs = _expand_sweep(body, sweep)
+    parsed = []
+    for values, label in configs:
+        try:
+            parsed.append((parse_config(values), label))
+        except ConfigError as exc:
+            raise ApiError(str(exc) if not label else f"{label}: {exc}") from None
+    first = parsed[0][0]
+    dataset = _own_dataset(owner, first.dataset)
+    teacher = _own_teacher(owner, first.teacher) if first.kind == "distill" else None
+    if teacher and teacher.num_classes and dataset.num_classes and teacher.num_classes != dataset.num_classes:
+        raise ApiError(
+            f"teacher {teacher.pk} predicts {teacher.num_classes} classes but dataset {dataset.pk} has {dataset.num_classes}"
+        )
+    group = uuid.uuid4().hex if sweep is not None else ""
+    experiments = []
+    with transaction.atomic():
+        for config, label in parsed:
+            config.dataset = dataset.pk
+            config.teacher = teacher.pk if teacher else None
+            base = config.name or f"{config.kind}-{dataset.name}"
+            config.name = f"{base} [{label}]"[:200] if label else base[:200]
+            experiment = Experiment.objects.create(
+                owner=owner,
+                name=config.name,
+                kind=config.kind,
+                config=config.to_dict(),
+                dataset=dataset,
+                teacher=teacher,
+                sweep_group=group,
+            )
+            enqueue_experiment(experiment)
+            experiments.append(experiment)
+    return experiments
+
+
+def _expand_sweep(body: dict[str, Any], sweep: Any) -> list[tuple[dict[str, Any], str]]:
+    if sweep is None:
+        return [(body, "")]
+    if not isinstance(sweep, dict) or not sweep:
+        raise ApiError(
+            "'sweep' must be an object mapping config keys to lists of values, e.g. {\"alpha\": [0.5, 0.9]}"
+        )
+    for key, values in sweep.items():
+        if key not in SWEEP_KEYS:
+            raise ApiError(f"'sweep' cannot vary {key!r}; it can vary {', '.join(sorted(SWEEP_KEYS))}")
+        if not isinstance(values, list) or not values:
+            raise ApiError(f"'sweep.{key}' must be a non-empty list of values")
+    total = 1
+    for values in sweep.values():
+        total *= len(values)
+    if total > MAX_SWEEP:
+        raise ApiError(f"'sweep' would create {total} experiments; at most {MAX_SWEEP} at once")
+    keys = list(sweep)
+    out = []
+    for combo in itertools.product(*(sweep[k] for k in keys)):
+        values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in body.items()}
+        for key, value in zip(keys, combo):
+            if key.startswith("codistill."):
+                values["codistill"] = {**(values.get("codistill") or {}), key.split(".", 1)[1]: value}
+            else:
+                values[key] = value
+        label = ", ".join(f"{k}={_short(v)}" for k, v in zip(keys, combo))
+        out.append((values, label))
+    return out
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items())
+    return str(value)
+
+
+def _own_dataset(owner, ref: int | str) -> Dataset:
+    if isinstance(ref, str):
+        return builtin_dataset(owner, ref)
+    dataset = Dataset.objects.filter(owner=owner, pk=ref).first()
+    if dataset is None:
+        raise ApiError(f"dataset {ref} not found among your datasets")
+    if dataset.status != "ready":
+        raise ApiError(f"dataset {ref} is not ready ({dataset.status})")
+    return dataset
+
+
+def _own_teacher(owner, ref: int | str | None) -> Checkpoint:
+    if not isinstance(ref, int):
+        raise ApiError("'teacher' must be the id of one of your checkpoints")
+    teacher = Checkpoint.objects.filter(owner=owner, pk=ref).first()
+    if teacher is None:
+        raise ApiError(f"teacher {ref} not found among your checkpoints")
+    return teacher
+
+
+def enqueue_experiment(experiment: Experiment) -> None:
+    """Send `workers.run_experiment` to queue `gpu` once the row is committed (a worker must find it).
+
+    The task id is chosen here and saved on the row, so cancel can revoke a job still in the queue.
+    A broker that cannot be reached fails the experiment with that reason rather than the request.
+    """
+    task_id = str(uuid.uuid4())
+    Experiment.objects.filter(pk=experiment.pk).update(celery_task_id=task_id)
+    experiment.celery_task_id = task_id
+    experiment_id = experiment.pk
+
+    def send() -> None:
+        try:
+            celery_app.send_task(
+                "workers.run_experiment",
+                args=[experiment_id],
+                queue="gpu",
+                task_id=task_id,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:  # noqa: BLE001 - any broker failure means the same to the user
+            log.exception("could not enqueue experiment %s", experiment_id)
+            Experiment.objects.filter(pk=experiment_id, status=Experiment.QUEUED).update(
+                status=Experiment.FAILED,
+                error=f"could not reach the job queue: {exc}",
+                finished=timezone.now(),
+            )
+
+    transaction.on_commit(send)
+
+
+def cancel_experiment(experiment: Experiment) -> Experiment:
+    """Queued: revoke and mark cancelled now. Running: ask the worker to stop. Finished: 409."""
+    updated = Experiment.objects.filter(pk=experiment.pk, status=Experiment.QUEUED).update(
+        status=Experiment.CANCELLED, cancel_requested=True, finished=timezone.now(), progress=0.0
+    )
+    if updated:
+        task_id = experiment.celery_task_id
+        if task_id:
+            transaction.on_commit(lambda: _revoke(task_id))
+    else:
+        # A worker may have started it since it was read; the worker's stop signal reads this flag.
+        Experiment.objects.filter(pk=experiment.pk, status=Experiment.RUNNING).update(cancel_requested=True)
+    experiment.refresh_from_db()
+    if not updated and experiment.status in Experiment.FINISHED:
+        raise ApiError(
+            f"experiment {experiment.pk} already {experiment.status}; there is nothing to cancel", 409
+        )
+    message = {
+        "type": "status",
+        "status": experiment.status,
+        "progress": experiment.progress,
+        "eta_s": experiment.eta_s,
+    }
+    if experiment.status == Experiment.RUNNING:
+        message["cancel_requested"] = True
+    experiment_id = experiment.pk
+    transaction.on_commit(lambda: broadcast(experiment_id, message))
+    return experiment
+
+
+def _revoke(task_id: str) -> None:
+    try:
+        celery_app.control.revoke(task_id)
+    except Exception:  # noqa: BLE001 - the worker also skips a job whose row says cancelled
+        log.warning("could not revoke task %s", task_id, exc_info=True)
+
+
+def broadcast(experiment_id: int, message: dict[str, Any]) -> None:
+    """Send a message to the experiment's live sockets; best effort (the database is the record)."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(
+            f"experiment-{experiment_id}", {"type": "experiment.message", "message": message}
+        )
+    except Exception:  # noqa: BLE001 - a down channel layer must not fail the request
+        log.warning("could not broadcast to experiment %s", experiment_id, exc_info=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """kd_core answers may hold tuples or numpy scalars; make them plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value

@@ -1,0 +1,8 @@
+"""WSGI entry point (HTTP only; the WebSocket needs the ASGI application in webapp/asgi.py)."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings")
+application = get_wsgi_application()
