@@ -15,13 +15,27 @@ SOFT_LOSSES = ("kl", "ce")
 CODISTILL_LOSSES = ("ce", "kl", "mse")
 EXCHANGES = ("checkpoints", "predictions")
 DATA_MODES = ("same", "disjoint")
+PLACEMENTS = ("process", "workers")
 AUGMENTS = ("none", "flip_crop", "noise")
 ARCHS = ("mlp", "cnn", "resnet")
 
 
 @dataclass
 class CodistillConfig:
-    """Anil et al. 2018: N groups train together; after burn-in each also learns from the others."""
+    """Anil et al. 2018: N groups train together; after burn-in each also learns from the others.
+
+    `replicas` groups of `group_size` synchronous data-parallel workers each. For the first
+    `burn_in_steps` every group trains on the labels only; then it adds `weight` x `loss` towards
+    the average prediction of the OTHER groups, computed from their parameter copies refreshed
+    every `exchange_every` steps ("checkpoints"), or from their logits on the same batch every
+    step ("predictions", lockstep, data "same" only). `placement` "process": this run starts
+    every group itself (one loop when group_size is 1, worker subprocesses otherwise);
+    "workers": each group is its own task (Celery), swapping copies through a shared exchange.
+
+    Weight decay: codistillation itself regularises (Sodhani et al. 2020, "A closer look at
+    codistillation"), so the `weight_decay` tuned for plain training can over-regularise the
+    replicas; lower it (often to 0) when codistilled replicas underfit.
+    """
 
     replicas: int = 2
     burn_in_steps: int = 200
@@ -31,6 +45,7 @@ class CodistillConfig:
     exchange: str = "checkpoints"
     data: str = "same"
     group_size: int = 1
+    placement: str = "process"
 
 
 @dataclass
@@ -217,6 +232,13 @@ def _parse_codistill(data: Any) -> CodistillConfig:
     _choice("codistill.loss", data.get("loss", "ce"), CODISTILL_LOSSES)
     _choice("codistill.exchange", data.get("exchange", "checkpoints"), EXCHANGES)
     _choice("codistill.data", data.get("data", "same"), DATA_MODES)
+    _choice("codistill.placement", data.get("placement", "process"), PLACEMENTS)
+    spread = data.get("group_size", 1) > 1 or data.get("placement") == "workers"
+    if data.get("exchange") == "predictions" and spread:
+        raise ConfigError(
+            "codistill exchange 'predictions' swaps logits every step inside one process: "
+            "it needs group_size 1 and placement 'process'; use exchange 'checkpoints' otherwise"
+        )
     if data.get("exchange") == "predictions" and data.get("data") == "disjoint":
         raise ConfigError("codistill exchange 'predictions' walks the same batches in lockstep: it needs data 'same'")
     values = dict(data)

@@ -1,0 +1,261 @@
+"""One experiment end to end: build the student, train or distill it, measure it, export it, write result.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_core.cache import TeacherLogitCache
+from kd_core.config import ExperimentConfig
+from kd_core.device import pick_device
+from kd_core.errors import ConfigError, DatasetError
+from kd_core.sinks import MetricsSink
+from kd_core.trainer import evaluate, split_tensors, train_model
+
+# The data split does not follow the training seed: runs with different seeds then compare on the
+# same test set, and a teacher trained here never sees the test set of a later distillation.
+SPLIT_SEED = 0
+
+
+@dataclass
+class RunResult:
+    """What one experiment produced: headline metrics, exported files, whether it was stopped early."""
+
+    metrics: dict[str, Any]
+    files: dict[str, Path | str] = field(default_factory=dict)
+    stopped: bool = False
+    model: nn.Module | None = None
+
+
+def load_experiment_dataset(config: ExperimentConfig, source: str | Path | None = None):
+    """The dataset of `config` (or of `source`, a name or path that replaces config.dataset), split with SPLIT_SEED."""
+    from kd_core.data import load_dataset
+
+    return load_dataset(
+        source if source is not None else config.dataset,
+        options=config.data_options,
+        seed=SPLIT_SEED,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+    )
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    dataset: Any,
+    teacher: Any | None = None,
+    out_dir: str | Path,
+    sink: MetricsSink,
+    should_stop: Callable[[], bool] = lambda: False,
+    device: str | torch.device = "auto",
+    cache_dir: str | Path | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every_s: float = 30.0,
+    export: bool = True,
+) -> RunResult:
+    """Run `config` on `dataset` and write out_dir/result.json plus the student's exports.
+
+    A run stopped by `should_stop` still measures and exports what it trained so far.
+    `cache_dir` keeps teacher logits between runs; without it they are kept for this run only.
+    `checkpoint_path` is a resumable training checkpoint, written every `checkpoint_every_s` and when
+    stopped, resumed from when present, and removed once the run has finished.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(device)
+    started = time.monotonic()
+
+    if config.kind == "codistill":
+        from kd_core.codistill import run_codistill  # imported lazily: most runs never need it
+
+        result = run_codistill(
+            config,
+            dataset,
+            out_dir=out_dir,
+            sink=sink,
+            should_stop=should_stop,
+            device=device,
+            checkpoint_path=checkpoint_path,
+            export=export,
+        )
+        result.metrics.setdefault("train_time_s", time.monotonic() - started)
+        _write_result(out_dir, config, result)
+        return result
+
+    if config.kind not in ("train", "distill"):
+        raise ConfigError(f"unknown experiment kind {config.kind!r}")
+    distill = config.kind == "distill"
+    if distill:
+        if teacher is None:
+            raise ConfigError("kind 'distill' needs a teacher checkpoint")
+        from kd_core.checkpoints import check_teacher_fits
+
+        check_teacher_fits(teacher, dataset)
+        if dataset.num_classes is None:  # an unlabeled transfer set takes the teacher's classes
+            dataset = dataset.with_num_classes(int(teacher.num_classes))
+        teacher.to(device).eval()
+    if dataset.num_classes is None:
+        raise DatasetError(
+            "this dataset has no labels: train a student on it only by distilling from a teacher"
+        )
+
+    from kd_core.models import build_model, model_stats
+
+    torch.manual_seed(config.seed)  # the student's initial weights follow the seed
+    model = build_model(
+        config.model, tuple(dataset.input_shape), int(dataset.num_classes), dataset.preprocessing
+    )
+
+    cached: dict[str, torch.Tensor] = {}
+    if distill:
+        # Fixed inputs: the teacher runs once per split, and not again in a later run with the same cache.
+        cache = TeacherLogitCache(cache_dir)
+        splits = ("val", "test") if config.augment != "none" else ("train", "val", "test")
+        for split in splits:
+            x, _ = split_tensors(dataset, split, device)
+            if x.shape[0]:
+                cached[split] = cache.logits(teacher, dataset, split, x)
+
+    outcome = train_model(
+        model,
+        dataset,
+        config,
+        teacher_logits_fn=teacher.logits if distill else None,
+        teacher_logits={k: v for k, v in cached.items() if k != "test"} if distill else None,
+        sink=sink,
+        should_stop=should_stop,
+        device=device,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every_s=checkpoint_every_s,
+    )
+
+    x_test, y_test = split_tensors(dataset, "test", device)
+    test = evaluate(model, x_test, y_test, teacher_logits=cached.get("test"), temperature=config.temperature)
+    stats = model_stats(model)
+    metrics: dict[str, Any] = {
+        "val_acc": outcome.best.get("val_acc"),
+        "val_loss": outcome.best.get("val_loss"),
+        "test_acc": test.get("acc"),
+        "test_loss": test.get("loss"),
+        "student_params": stats["params"],
+        "student_size_bytes": stats["size_bytes"],
+        "student_latency_ms": stats["cpu_latency_ms"],
+        "steps": outcome.steps,
+        "epochs": outcome.epochs,
+        "best_epoch": outcome.best.get("epoch"),
+        "train_time_s": outcome.train_time_s,
+        "samples_per_s": outcome.samples_per_s,
+        "device": str(device),
+    }
+    if distill:
+        metrics |= _teacher_metrics(teacher, dataset, cached, device, stats)
+        metrics["val_agreement"] = outcome.best.get("val_agreement")
+        metrics["test_agreement"] = test.get("agreement")
+
+    files: dict[str, Path | str] = {}
+    if export:
+        from kd_core.export import export_model
+
+        x_sample = x_test if x_test.shape[0] else split_tensors(dataset, "train", device)[0]
+        files = export_model(
+            model,
+            out_dir,
+            basename="student",
+            class_names=list(dataset.class_names),
+            sample_inputs=x_sample[:16].cpu(),
+            extra_metadata={"experiment": {"kind": config.kind, "name": config.name, "seed": config.seed}},
+        )
+    result = RunResult(metrics=metrics, files=files, stopped=outcome.stopped, model=model)
+    _write_result(out_dir, config, result)
+    if checkpoint_path is not None and not outcome.stopped:
+        Path(checkpoint_path).unlink(missing_ok=True)  # done: a requeue must not resume a finished run
+    return result
+
+
+def _teacher_metrics(
+    teacher: Any, dataset: Any, cached: dict[str, torch.Tensor], device: torch.device, student: dict[str, Any]
+) -> dict[str, Any]:
+    """Teacher accuracy (test split, else val), size and CPU latency, and the ratios to the student."""
+    out: dict[str, Any] = {}
+    for split in ("test", "val"):
+        _, y = split_tensors(dataset, split, device)
+        if split in cached and y is not None and y.shape[0]:
+            out["teacher_acc"] = float((cached[split].argmax(dim=1) == y).float().mean())
+            out["teacher_acc_split"] = split
+            break
+    params = teacher.num_params
+    out["teacher_params"] = int(params) if params else None
+    latency, size = _teacher_cost(teacher, tuple(dataset.input_shape))
+    out["teacher_size_bytes"] = size
+    out["teacher_latency_ms"] = latency
+    if params and student["params"]:
+        out["compression"] = params / student["params"]
+    if latency and student["cpu_latency_ms"]:
+        out["speedup"] = latency / student["cpu_latency_ms"]
+    return out
+
+
+def _teacher_cost(teacher: Any, input_shape: tuple[int, ...]) -> tuple[float | None, int | None]:
+    """Median CPU latency of one sample (ms) and weight bytes, measured like the student's."""
+    module = teacher.module
+    size = None
+    if module is not None:
+        size = int(sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())))
+        if isinstance(getattr(module, "input_shape", None), tuple):
+            try:
+                from kd_core.models import model_stats
+
+                return model_stats(module, input_shape)["cpu_latency_ms"], size
+            except Exception:  # a module that cannot be copied: fall back to timing the teacher itself
+                pass
+    previous = teacher.device
+    teacher.to("cpu")
+    x = torch.zeros((1, *input_shape))
+    try:
+        for _ in range(3):
+            teacher.logits(x)
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            teacher.logits(x)
+            times.append((time.perf_counter() - start) * 1000.0)
+        return statistics.median(times), size
+    except Exception:
+        return None, size
+    finally:
+        teacher.to(previous)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_result(out_dir: Path, config: ExperimentConfig, result: RunResult) -> Path:
+    payload = {
+        "metrics": {k: _json_safe(v) for k, v in result.metrics.items()},
+        "config": config.to_dict(),
+        "stopped": result.stopped,
+        "files": {fmt: Path(p).name for fmt, p in result.files.items()},
+    }
+    path = out_dir / "result.json"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".result-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(tmp, path)
+    return path
