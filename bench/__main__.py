@@ -8,9 +8,7 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
-    names = argv or sorted(
-        m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")
-    )
+    names = argv or sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
     for name in names:
         print(f"\n=== {name} ===", flush=True)
         importlib.import_module(f"bench.{name}").main()

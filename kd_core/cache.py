@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from kd_core.atomic import atomic_write
 
 
 def teacher_logits_in_batches(
@@ -92,13 +92,10 @@ class TeacherLogitCache:
         path = self.path_for(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside the target and rename, so a reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, logits.detach().cpu().numpy().astype(np.float32), allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        array = logits.detach().cpu().numpy().astype(np.float32)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as handle:  # a handle: np.save would add ".npy" to a bare path
+                np.save(handle, array, allow_pickle=False)
+
+        atomic_write(path, write)

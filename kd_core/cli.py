@@ -9,9 +9,13 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd_core.errors import ConfigError, KDError
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only when a command runs
+    from kd_core.config import ExperimentConfig
+    from kd_core.runner import RunResult
 
 MAX_CONFIG_BYTES = 1024 * 1024
 # bench/bench_quality.py: on digits this pair gains about one point of test accuracy from distillation.
@@ -43,7 +47,7 @@ class StopFlag:
             signal.signal(signal.SIGINT, previous)
 
 
-def _read_config(path: Path):
+def _read_config(path: Path) -> ExperimentConfig:
     from kd_core.config import parse_config
 
     if not path.is_file():
@@ -71,7 +75,7 @@ def _results_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     cols = [
         ("val_acc", "val acc", "{:.4f}"),
         ("test_acc", "test acc", "{:.4f}"),
-        ("student_params", "params", "{:,}"),
+        ("student_params", "params", "{:,.0f}"),  # codistill reports it as a float
         ("student_latency_ms", "latency ms", "{:.3f}"),
     ]
     header = ["model", *(c[1] for c in cols)]
@@ -88,7 +92,16 @@ def _results_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def _run_one(config, dataset, teacher, out_dir: Path, device: str, cache_dir: Path | None, stop, label: str):
+def _run_one(
+    config: ExperimentConfig,
+    dataset: Any,
+    teacher: Any,
+    out_dir: Path,
+    device: str,
+    cache_dir: Path | None,
+    stop: StopFlag,
+    label: str,
+) -> RunResult:
     from kd_core.runner import run_experiment
     from kd_core.sinks import CsvSink, MultiSink, ProgressBarSink
 
@@ -188,7 +201,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ]
     rows = []
     teacher = None
-    teacher_result = None
     with StopFlag().installed() as stop:
         for label, config in runs:
             result = _run_one(
@@ -196,12 +208,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
             rows.append((label, result.metrics))
             if label == "teacher":
-                teacher_result = result
                 teacher = load_teacher(result.files["safetensors"])
             if result.stopped:
                 break
     print(_results_table(rows))
-    if teacher_result is not None:
+    if teacher is not None:
         print(f"teacher files in {out / 'teacher'}; the distilled student's in {out / 'distilled'}")
     return 0
 

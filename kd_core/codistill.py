@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,17 +26,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_core.atomic import atomic_write
 from kd_core.config import ExperimentConfig
 from kd_core.device import autocast_dtype
 from kd_core.errors import ConfigError, TrainingError
 from kd_core.losses import codistillation_loss
+from kd_core.models import build_model, count_params
+from kd_core.runner import RunResult
 from kd_core.sinks import MetricsSink
 from kd_core.trainer import (
-    _autocast,
-    _batches_per_epoch,
-    _make_augment,
-    _make_optimizer,
+    autocast,
+    batches_per_epoch,
+    config_key,
     lr_at,
+    make_augment,
+    make_optimizer,
+    plan_steps,
+    predict_logits,
+    set_lr,
     split_tensors,
 )
 
@@ -74,21 +78,6 @@ def replica_train_indices(config: ExperimentConfig, n_train: int, replica: int) 
     return np.arange(n_train)
 
 
-def plan_steps(config: ExperimentConfig, n_examples: int) -> tuple[int, int]:
-    """(total steps, steps per epoch) for replicas that own `n_examples` training examples each.
-
-    With disjoint shards of unequal size, callers pass the smallest: every replica, in every
-    placement, then runs the same number of steps.
-    """
-    if n_examples < 1:
-        raise ConfigError("the training split is empty")
-    per_epoch = _batches_per_epoch(n_examples, config.batch_size)
-    total = config.epochs * per_epoch
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    return total, per_epoch
-
-
 class BatchOrder:
     """Batches of a fixed index set, reshuffled each epoch; batch s depends only on (seed, s).
 
@@ -100,7 +89,7 @@ class BatchOrder:
         self.indices = np.asarray(indices)
         self.batch_size = batch_size
         self.seed = seed
-        self.per_epoch = _batches_per_epoch(len(self.indices), batch_size)
+        self.per_epoch = batches_per_epoch(len(self.indices), batch_size)
         self._epoch = -1
         self._perm = self.indices
 
@@ -172,37 +161,7 @@ def replica_loss(
     return hard + weight * term, hard, term
 
 
-# ---------------------------------------------------------------- optimiser and schedule
-
-
-def build_optimizer(config: ExperimentConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The trainer's optimiser (Adam or SGD with momentum, with the config's weight decay).
-
-    Codistillation already regularises (Sodhani et al. 2020): the weight decay tuned for plain
-    training may over-regularise here; lower it when codistilled replicas underfit.
-    """
-    return _make_optimizer(model, config)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 # ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor, chunk: int = 2048) -> Tensor:
-    """Logits of `model` on `x` in eval mode (float32), leaving the model's mode as it was."""
-    was_training = model.training
-    model.eval()
-    try:
-        if len(x) == 0:
-            return torch.zeros(0, 0)
-        return torch.cat([model(x[i : i + chunk]).float() for i in range(0, len(x), chunk)])
-    finally:
-        model.train(was_training)
 
 
 def churn(predictions: Sequence[Tensor]) -> float:
@@ -233,6 +192,32 @@ def split_metrics(logits: Sequence[Tensor], y: Tensor) -> dict[str, Any]:
     out["ens_acc"] = (probs.argmax(1) == y).float().mean().item()
     out["churn"] = churn([z.argmax(1) for z in logits])
     return out
+
+
+def eval_splits(
+    dataset: Any, x_train: Tensor, y_train: Tensor
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """((x, y) to rank replicas on, (x, y) to test them on), on the training tensors' device.
+
+    Without a labelled validation split replicas are ranked on the training data; without test
+    labels the test split is empty (its metrics are NaN).
+    """
+    x_val, y_val = split_tensors(dataset, "val", x_train.device)
+    x_test, y_test = split_tensors(dataset, "test", x_train.device)
+    if len(x_val) == 0 or y_val is None:
+        x_val, y_val = x_train, y_train
+    if y_test is None:
+        x_test, y_test = x_test[:0], y_train[:0]
+    return (x_val, y_val), (x_test, y_test)
+
+
+def measure_replicas(
+    models: Sequence[nn.Module], val: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(validation metrics, test metrics, index of the best model on validation) of trained replicas."""
+    val_metrics = split_metrics([predict_logits(m, val[0]) for m in models], val[1])
+    test_metrics = split_metrics([predict_logits(m, test[0]) for m in models], test[1])
+    return val_metrics, test_metrics, best_index(val_metrics["acc"], val_metrics["loss"])
 
 
 def best_index(accs: Sequence[float], losses: Sequence[float]) -> int:
@@ -319,8 +304,6 @@ def final_metrics(
 
 def make_model(config: ExperimentConfig, dataset: Any, replica: int, device: torch.device | str) -> nn.Module:
     """Replica `replica`'s model with its own random init (the same in every placement)."""
-    from kd_core.models import build_model
-
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(replica_seed(config.seed, replica, "init"))
@@ -328,10 +311,6 @@ def make_model(config: ExperimentConfig, dataset: Any, replica: int, device: tor
             config.model, dataset.input_shape, dataset.num_classes, preprocessing=dataset.preprocessing
         )
     return model.to(device)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_finite(value: float, replica: int, step: int) -> None:
@@ -381,7 +360,7 @@ def run_codistill(
     device: torch.device | str = "cpu",
     checkpoint_path: str | Path | None = None,
     export: bool = True,
-):
+) -> RunResult:
     """Train `config.codistill.replicas` replicas together and export them; returns a RunResult.
 
     With `group_size == 1` all replicas share this process and device and step in one loop;
@@ -412,21 +391,15 @@ def _run_in_process(
     device: torch.device,
     checkpoint_path: str | Path | None,
     export: bool = True,
-):
-    from kd_core.runner import RunResult
-
+) -> RunResult:
     cd = config.codistill
     out_dir.mkdir(parents=True, exist_ok=True)
     n_rep = cd.replicas
     x_train, y_train = split_tensors(dataset, "train", device)
-    x_val, y_val = split_tensors(dataset, "val", device)
-    x_test, y_test = split_tensors(dataset, "test", device)
-    if len(x_val) == 0 or y_val is None:  # no validation split: rank and report on the training data
-        x_val, y_val = x_train, y_train
-    if y_test is None:
-        x_test, y_test = x_test[:0], y_train[:0]
+    val_split, test_split = eval_splits(dataset, x_train, y_train)
+    x_val, y_val = val_split
     lockstep = cd.exchange == "predictions"
-    augment = _make_augment(config, x_train, bool(getattr(dataset, "is_image", x_train.dim() == 4)))
+    augment = make_augment(config, dataset, x_train)
     amp = autocast_dtype(device)
     amp = amp if amp == torch.bfloat16 else None  # fp16 would need a loss scaler per replica
 
@@ -437,7 +410,7 @@ def _run_in_process(
     for k, order in enumerate(orders):
         model = make_model(config, dataset, k, device)
         model.train()
-        replicas.append(_Replica(model, build_optimizer(config, model), order, [0.0, 0.0, 0.0]))
+        replicas.append(_Replica(model, make_optimizer(model, config), order, [0.0, 0.0, 0.0]))
         aug_seed = replica_seed(config.seed, 0 if lockstep else k, "data") + 1
         aug_gens.append(torch.Generator(device=device).manual_seed(aug_seed))
     total, per_epoch = plan_steps(config, min(sizes))
@@ -486,11 +459,11 @@ def _run_in_process(
             batches.append((xb, y_train[idx]))
         logits: list[Tensor] = []
         if lockstep:
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits = [r.model(batches[0][0]) for r in replicas]
         for k, r in enumerate(replicas):
             xb, yb = batches[k]
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 if lockstep:
                     z = logits[k]
                     peers = [p.detach() for p in peer_logits_for(k, logits)] if distilling else []
@@ -517,7 +490,7 @@ def _run_in_process(
 
         evaluated = step % eval_every == 0 or step == total
         if evaluated:
-            val = split_metrics([predict(r.model, x_val) for r in replicas], y_val)
+            val = split_metrics([predict_logits(r.model, x_val) for r in replicas], y_val)
             best = best_index(val["acc"], val["loss"])
         if step % config.log_every == 0 or step == total:
             now = time.perf_counter()
@@ -547,10 +520,10 @@ def _run_in_process(
             _save_checkpoint(Path(checkpoint_path), step, copy_step, replicas, copies, config)
             last_ckpt_t = time.perf_counter()
 
+    if checkpoint_path is not None and stopped:  # a requeued job resumes from here, as train/distill do
+        _save_checkpoint(Path(checkpoint_path), step, copy_step, replicas, copies, config)
     models = [r.model for r in replicas]
-    val = split_metrics([predict(m, x_val) for m in models], y_val)
-    test = split_metrics([predict(m, x_test) for m in models], y_test)
-    best = best_index(val["acc"], val["loss"])
+    val, test, best = measure_replicas(models, val_split, test_split)
     files: dict[str, str] = {}
     if export:
         per_files = [export_replica(m, dataset, out_dir, f"replica{k}", config) for k, m in enumerate(models)]
@@ -582,7 +555,7 @@ def val_values(val: dict[str, Any], best: int, names: Sequence[int] | None = Non
 
 
 def _config_tag(config: ExperimentConfig) -> str:
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(config_key(config).encode()).hexdigest()[:16]
 
 
 def _save_checkpoint(
@@ -601,15 +574,7 @@ def _save_checkpoint(
         "optimizers": [r.optimizer.state_dict() for r in replicas],
         "copies": [c.state_dict() for c in copies],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def _load_checkpoint(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -14,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
+from kd_core.atomic import atomic_write
 from kd_core.errors import CheckpointError
 
 
@@ -37,19 +37,6 @@ class GroupExchange(Protocol):
     def version(self, group: int) -> int:
         """The newest version `group` published (0: none); cheap, so callers can poll it."""
         ...
-
-
-def _atomic_write(path: Path, write) -> None:
-    # Readers on other processes (or machines sharing the folder) see the old file or the new
-    # one, never a half-written one: write beside it, then rename over it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FileExchange:
@@ -83,8 +70,8 @@ class FileExchange:
         version = self.version(group) + 1
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         meta = {"version": str(version), "step": str(int(step)), "group": str(int(group))}
-        _atomic_write(self._state_path(group), lambda tmp: save_file(tensors, tmp, metadata=meta))
-        _atomic_write(self._version_path(group), lambda tmp: Path(tmp).write_text(str(version)))
+        atomic_write(self._state_path(group), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(self._version_path(group), lambda tmp: Path(tmp).write_text(str(version)))
         return version
 
     def latest(self, group: int) -> tuple[int, dict[str, torch.Tensor]] | None:

@@ -36,24 +36,22 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
 
+from kd_core.atomic import atomic_write
 from kd_core.codistill import (
     BatchOrder,
     best_index,
-    build_optimizer,
     check_finite,
     check_trainable,
     copy_step_at,
-    count_params,
     eval_period,
+    eval_splits,
     export_replica,
     final_metrics,
     make_model,
-    plan_steps,
-    predict,
+    measure_replicas,
     replica_loss,
     replica_seed,
     replica_train_indices,
-    set_lr,
     split_metrics,
     student_files,
     val_values,
@@ -61,8 +59,18 @@ from kd_core.codistill import (
 from kd_core.codistill_exchange import FileExchange, GroupExchange
 from kd_core.config import ExperimentConfig, parse_config
 from kd_core.errors import CheckpointError, TrainingError
+from kd_core.models import count_params
+from kd_core.runner import RunResult
 from kd_core.sinks import MetricsSink, NullSink
-from kd_core.trainer import _make_augment, lr_at, split_tensors
+from kd_core.trainer import (
+    lr_at,
+    make_augment,
+    make_optimizer,
+    plan_steps,
+    predict_logits,
+    set_lr,
+    split_tensors,
+)
 
 # How long a worker waits for its group's peers in a collective before giving up: a rank that
 # died must not hang the others until gloo's 30-minute default.
@@ -175,7 +183,7 @@ def _group_loop(
     sink: MetricsSink,
     should_stop: Callable[[], bool],
     device: torch.device,
-):
+) -> tuple[dict[str, float] | None, dict[str, str], bool, nn.Module]:
     """Train group `group` (this process is its worker `rank` of `world`).
 
     Returns (metrics, files, stopped, model); only rank 0 exports replica{group}.* and measures
@@ -187,12 +195,12 @@ def _group_loop(
     order = BatchOrder(indices, config.batch_size, replica_seed(config.seed, group, "data"))
     smallest = min(len(replica_train_indices(config, len(x_train), k)) for k in range(cd.replicas))
     total, per_epoch = plan_steps(config, smallest)
-    augment = _make_augment(config, x_train, bool(getattr(dataset, "is_image", x_train.dim() == 4)))
+    augment = make_augment(config, dataset, x_train)
     aug_gen = torch.Generator(device=device).manual_seed(replica_seed(config.seed, group, "data") + 1 + rank)
     torch.manual_seed(config.seed + 7919 * rank)  # dropout differs across the group's workers
 
     model = make_model(config, dataset, group, device).train()
-    optimizer = build_optimizer(config, model)
+    optimizer = make_optimizer(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     if world > 1:
         for tensor in model.state_dict().values():  # same seed gives the same init; make sure of it
@@ -200,9 +208,8 @@ def _group_loop(
             dist.broadcast(buf, src=0)
             tensor.copy_(buf.to(tensor.device))
     peers = _Peers(config, dataset, group, device)
-    x_val, y_val = split_tensors(dataset, "val", device)
-    if len(x_val) == 0 or y_val is None:
-        x_val, y_val = x_train, y_train
+    val_split, test_split = eval_splits(dataset, x_train, y_train)
+    x_val, y_val = val_split
     eval_every = eval_period(config.log_every, per_epoch)
     p = f"replica{group}/"
 
@@ -281,7 +288,7 @@ def _group_loop(
             for j, v in peers.versions.items():
                 values[f"{p}exchange/peer{j}_version"] = float(v)
             if step % eval_every == 0 or step == total or stopped:
-                val = split_metrics([predict(model, x_val)], y_val)
+                val = split_metrics([predict_logits(model, x_val)], y_val)
                 values[p + "val/loss"] = val["loss"][0]
                 values[p + "val/acc"] = val["acc"][0]
             sink.log(step, values)
@@ -295,11 +302,7 @@ def _group_loop(
         return None, {}, stopped, model
     if exchange is not None and cd.replicas > 1:
         exchange.publish(group, step, model.state_dict())  # the final copy, for laggards
-    x_test, y_test = split_tensors(dataset, "test", device)
-    if y_test is None:
-        x_test, y_test = x_test[:0], y_train[:0]
-    val = split_metrics([predict(model, x_val)], y_val)
-    test = split_metrics([predict(model, x_test)], y_test)
+    val, test, _ = measure_replicas([model], val_split, test_split)
     files = export_replica(model, dataset, out_dir, f"replica{group}", config)
     metrics = {
         "val_acc": val["acc"][0],
@@ -547,7 +550,7 @@ def run_groups_in_subprocesses(
     sink: MetricsSink,
     should_stop: Callable[[], bool] = lambda: False,
     device: torch.device | str = "cpu",
-):
+) -> RunResult:
     """Every group of the experiment as `group_size` worker subprocesses; groups exchange through files."""
     out_dir = Path(out_dir)
     job = out_dir / "codistill-job"
@@ -613,7 +616,7 @@ def run_codistill_group(
     sink: MetricsSink,
     should_stop: Callable[[], bool] = lambda: False,
     device: torch.device | str = "cpu",
-):
+) -> RunResult:
     """Train one codistillation group; returns its replica's RunResult (files replica{g}.*).
 
     Swaps copies with the other groups through `exchange` every `exchange_every` steps and never
@@ -626,8 +629,6 @@ def run_codistill_group(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world = config.codistill.group_size
-    from kd_core.runner import RunResult
-
     if world == 1:
         metrics, files, stopped, model = _group_loop(
             config, dataset, group_index, exchange, rank=0, world=1, out_dir=out_dir, sink=sink,
@@ -680,7 +681,7 @@ def combine_group_results(
     sink: MetricsSink | None = None,
     device: torch.device | str = "cpu",
     step: int | None = None,
-):
+) -> RunResult:
     """The experiment's RunResult from each group's exported replica (None for a group that failed).
 
     With a `sink`, logs the final ensemble/churn/best-replica series at `step` (the last step
@@ -691,8 +692,6 @@ def combine_group_results(
     test_acc, student_params of the best replica, ensemble_val_acc/ensemble_test_acc over the
     surviving replicas, churn, replica{g}_val_acc/_test_acc, best_replica.
     """
-    from kd_core.runner import RunResult
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -701,15 +700,7 @@ def combine_group_results(
         raise TrainingError("no codistillation group left a trained replica")
     models = [_load_replica(config, dataset, group_files[g]["safetensors"], g, device) for g in alive]
     x_train, y_train = split_tensors(dataset, "train", device)
-    x_val, y_val = split_tensors(dataset, "val", device)
-    if len(x_val) == 0 or y_val is None:
-        x_val, y_val = x_train, y_train
-    x_test, y_test = split_tensors(dataset, "test", device)
-    if y_test is None:
-        x_test, y_test = x_test[:0], y_train[:0]
-    val = split_metrics([predict(m, x_val) for m in models], y_val)
-    test = split_metrics([predict(m, x_test) for m in models], y_test)
-    best = best_index(val["acc"], val["loss"])
+    val, test, best = measure_replicas(models, *eval_splits(dataset, x_train, y_train))
     per_files: list[dict[str, str] | None] = [None] * len(group_files)
     for g in alive:
         per_files[g] = dict(group_files[g])
@@ -774,9 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (folder / f"rank{args.rank}.digest").write_text(state_digest(model))
         if args.rank == 0:
             payload = {"metrics": metrics, "files": files, "stopped": stopped}
-            tmp = folder / "result.json.tmp"
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, folder / "result.json")
+            atomic_write(folder / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(payload)))
     finally:
         sink.close()
         try:

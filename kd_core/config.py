@@ -89,9 +89,7 @@ class ExperimentConfig:
 
 def _check_type(key: str, value: Any, types: tuple[type, ...], what: str) -> None:
     # bool is an int in Python; a config that says "epochs": true is a mistake.
-    if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"'{key}' must be {what}, got {value!r}")
-    if not isinstance(value, types):
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise ConfigError(f"'{key}' must be {what}, got {value!r}")
 
 
@@ -105,6 +103,22 @@ def _range(key: str, value: float, lo: float | None, hi: float | None) -> None:
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"'{key}' must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_known(data: dict[str, Any], schema: type, what: str) -> None:
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(schema)})
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s): {', '.join(unknown)}")
+
+
+def _check_numbers(values: dict[str, Any], table: dict[str, tuple], prefix: str = "") -> None:
+    """Check each number of `table` present in `values`; real-valued ones become floats, in place."""
+    for key, (types, what, lo, hi) in table.items():
+        if key in values:
+            _check_type(prefix + key, values[key], types, what)
+            _range(prefix + key, values[key], lo, hi)
+            if float in types:
+                values[key] = float(values[key])
 
 
 # key -> (types, description, low, high); None bounds are open.
@@ -135,7 +149,7 @@ _CODISTILL_NUMBERS: dict[str, tuple[tuple[type, ...], str, float | None, float |
 def validate_model_spec(spec: Any, key: str = "model") -> dict[str, Any]:
     """Check a model spec's shape (not its size against data: the model builder does that)."""
     if not isinstance(spec, dict):
-        raise ConfigError(f"'{key}' must be an object such as {{\"arch\": \"mlp\", \"hidden\": [64]}}")
+        raise ConfigError(f'\'{key}\' must be an object such as {{"arch": "mlp", "hidden": [64]}}')
     arch = spec.get("arch")
     _choice(f"{key}.arch", arch, ARCHS)
     allowed = {
@@ -161,7 +175,9 @@ def validate_model_spec(spec: Any, key: str = "model") -> dict[str, Any]:
         depth = spec.get("depth", 8)
         _check_type(f"{key}.depth", depth, (int,), "an integer")
         if depth < 8 or (depth - 2) % 6 != 0 or depth > 110:
-            raise ConfigError(f"'{key}.depth' must be 6n+2 between 8 and 110 (8, 14, 20, 32, ...); got {depth}")
+            raise ConfigError(
+                f"'{key}.depth' must be 6n+2 between 8 and 110 (8, 14, 20, 32, ...); got {depth}"
+            )
         width = spec.get("width", 1)
         _check_type(f"{key}.width", width, (int,), "an integer")
         _range(f"{key}.width", width, 1, 16)
@@ -172,10 +188,7 @@ def parse_config(data: Any) -> ExperimentConfig:
     """Turn untrusted JSON into an ExperimentConfig, or raise ConfigError naming the bad field."""
     if not isinstance(data, dict):
         raise ConfigError("the experiment config must be a JSON object")
-    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+    _check_known(data, ExperimentConfig, "config")
     values = dict(data)
 
     _choice("kind", values.get("kind", "train"), KINDS)
@@ -194,10 +207,7 @@ def parse_config(data: Any) -> ExperimentConfig:
         values["teacher_arch"] = validate_model_spec(values["teacher_arch"], "teacher_arch")
     if "model" in values:
         values["model"] = validate_model_spec(values["model"])
-    for key, (types, what, lo, hi) in _NUMBERS.items():
-        if key in values:
-            _check_type(key, values[key], types, what)
-            _range(key, values[key], lo, hi)
+    _check_numbers(values, _NUMBERS)
     if values.get("max_steps") is not None:
         _check_type("max_steps", values["max_steps"], (int,), "an integer")
         _range("max_steps", values["max_steps"], 1, 100_000_000)
@@ -210,9 +220,6 @@ def parse_config(data: Any) -> ExperimentConfig:
     if "data_options" in values:
         _check_type("data_options", values["data_options"], (dict,), "an object")
     values["codistill"] = _parse_codistill(values.get("codistill", {}))
-    for key in ("lr", "momentum", "weight_decay", "lr_gamma", "temperature", "alpha", "val_fraction", "test_fraction"):
-        if key in values:
-            values[key] = float(values[key])
     return ExperimentConfig(**values)
 
 
@@ -221,14 +228,9 @@ def _parse_codistill(data: Any) -> CodistillConfig:
         return data
     if not isinstance(data, dict):
         raise ConfigError("'codistill' must be an object")
-    fields = {f.name for f in dataclasses.fields(CodistillConfig)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(f"unknown codistill field(s): {', '.join(unknown)}")
-    for key, (types, what, lo, hi) in _CODISTILL_NUMBERS.items():
-        if key in data:
-            _check_type(f"codistill.{key}", data[key], types, what)
-            _range(f"codistill.{key}", data[key], lo, hi)
+    _check_known(data, CodistillConfig, "codistill")
+    values = dict(data)
+    _check_numbers(values, _CODISTILL_NUMBERS, "codistill.")
     _choice("codistill.loss", data.get("loss", "ce"), CODISTILL_LOSSES)
     _choice("codistill.exchange", data.get("exchange", "checkpoints"), EXCHANGES)
     _choice("codistill.data", data.get("data", "same"), DATA_MODES)
@@ -240,8 +242,7 @@ def _parse_codistill(data: Any) -> CodistillConfig:
             "it needs group_size 1 and placement 'process'; use exchange 'checkpoints' otherwise"
         )
     if data.get("exchange") == "predictions" and data.get("data") == "disjoint":
-        raise ConfigError("codistill exchange 'predictions' walks the same batches in lockstep: it needs data 'same'")
-    values = dict(data)
-    if "weight" in values:
-        values["weight"] = float(values["weight"])
+        raise ConfigError(
+            "codistill exchange 'predictions' walks the same batches in lockstep: it needs data 'same'"
+        )
     return CodistillConfig(**values)

@@ -144,7 +144,7 @@ def _metadata(model: KDModel, class_names: list[str] | None, extra: dict[str, An
 
 
 def _compare(fmt: str, got: torch.Tensor | np.ndarray, ref: torch.Tensor) -> None:
-    got = torch.as_tensor(np.asarray(got) if isinstance(got, np.ndarray) else got).float()
+    got = torch.as_tensor(got).float()
     if tuple(got.shape) != tuple(ref.shape):
         raise KDError(f"{fmt} export gives outputs of shape {tuple(got.shape)}, PyTorch {tuple(ref.shape)}")
     tol = 1e-4 * max(1.0, float(ref.abs().max()))

@@ -67,7 +67,7 @@ def codistillation_loss(logits: Tensor, peer_logits: list[Tensor] | Tensor, *, l
     else:
         if len(peer_logits) == 0:
             raise ConfigError("codistillation needs at least one peer")
-        peers = torch.stack([p for p in peer_logits])
+        peers = torch.stack(list(peer_logits))
     peers = peers.detach().float()
     logits = logits.float()
     if loss == "mse":

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from kd_core.atomic import atomic_write
 from kd_core.cache import TeacherLogitCache
 from kd_core.config import ExperimentConfig
 from kd_core.device import pick_device
 from kd_core.errors import ConfigError, DatasetError
 from kd_core.sinks import MetricsSink
 from kd_core.trainer import evaluate, split_tensors, train_model
+
+if TYPE_CHECKING:
+    from kd_core.data import Dataset
 
 # The data split does not follow the training seed: runs with different seeds then compare on the
 # same test set, and a teacher trained here never sees the test set of a later distillation.
@@ -38,7 +40,7 @@ class RunResult:
     model: nn.Module | None = None
 
 
-def load_experiment_dataset(config: ExperimentConfig, source: str | Path | None = None):
+def load_experiment_dataset(config: ExperimentConfig, source: str | Path | None = None) -> Dataset:
     """The dataset of `config` (or of `source`, a name or path that replaces config.dataset), split with SPLIT_SEED."""
     from kd_core.data import load_dataset
 
@@ -254,8 +256,5 @@ def _write_result(out_dir: Path, config: ExperimentConfig, result: RunResult) ->
         "files": {fmt: Path(p).name for fmt, p in result.files.items()},
     }
     path = out_dir / "result.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".result-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     return path

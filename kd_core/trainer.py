@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_core.atomic import atomic_write
 from kd_core.cache import teacher_logits_in_batches
 from kd_core.config import ExperimentConfig
 from kd_core.device import autocast_dtype
@@ -59,16 +58,28 @@ def split_tensors(dataset: Any, split: str, device: torch.device) -> tuple[Tenso
     return xt, yt
 
 
-def _batches_per_epoch(n: int, batch_size: int) -> int:
-    # Drop a last batch of one sample: batch norm cannot train on it and it adds nothing.
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in one pass over `n` examples; a last batch of a single example is dropped."""
+    # Batch norm cannot train on one sample, and one sample adds nothing.
     full, rest = divmod(n, batch_size)
     return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
+
+
+def plan_steps(config: ExperimentConfig, n_examples: int) -> tuple[int, int]:
+    """(total steps, steps per epoch) for `n_examples` training examples: epochs, capped by max_steps."""
+    if n_examples < 1:
+        raise DatasetError("the training split is empty")
+    per_epoch = batches_per_epoch(n_examples, config.batch_size)
+    total = config.epochs * per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    return total, per_epoch
 
 
 # --------------------------------------------------------------------------- augmentation (tensor ops)
 
 
-def _flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
+def flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
     """Random crop after zero padding (4 px at 32 px, scaled to the image size) and a random h-flip."""
     b, c, h, w = x.shape
     pad = max(1, min(4, h // 8, w // 8))
@@ -89,13 +100,16 @@ def _flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
     ]
 
 
-def _make_augment(config: ExperimentConfig, x_train: Tensor, is_image: bool) -> Callable | None:
+def make_augment(
+    config: ExperimentConfig, dataset: Any, x_train: Tensor
+) -> Callable[[Tensor, torch.Generator], Tensor] | None:
+    """The config's augmentation as `f(batch, generator) -> batch`, or None for "none"."""
     if config.augment == "none":
         return None
     if config.augment == "flip_crop":
-        if not is_image or x_train.dim() != 4:
+        if not getattr(dataset, "is_image", True) or x_train.dim() != 4:
             raise ConfigError("augment 'flip_crop' needs an image dataset; use 'noise' for feature vectors")
-        return _flip_crop
+        return flip_crop
     if config.augment == "noise":
         scale = NOISE_SCALE * x_train.std(dim=0, keepdim=True).clamp_min(1e-8)
 
@@ -109,7 +123,8 @@ def _make_augment(config: ExperimentConfig, x_train: Tensor, is_image: bool) -> 
 # --------------------------------------------------------------------------- optimiser and schedule
 
 
-def _make_optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: ExperimentConfig) -> torch.optim.Optimizer:
+    """Adam or SGD with momentum over the trainable parameters, with the config's lr and weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -129,7 +144,41 @@ def lr_at(config: ExperimentConfig, step: int, total_steps: int, steps_per_epoch
     return config.lr
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate (the schedule is `lr_at`, not a torch scheduler)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision at `dtype` on `device` (see device.autocast_dtype); a no-op for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 # --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: Tensor, *, batch_size: int = EVAL_BATCH, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Float32 logits of `model` on `x` in batches, in eval mode; the model's mode is restored after.
+
+    Eval mode: dropout off and batch norm on its running statistics, so predictions do not depend
+    on the batch. `dtype` runs the forward under autocast (None: full precision).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        parts = []
+        for start in range(0, x.shape[0], batch_size):
+            with autocast(x.device, dtype):
+                parts.append(model(x[start : start + batch_size]).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(parts) if parts else torch.zeros((0, 0), device=x.device)
 
 
 @torch.no_grad()
@@ -145,15 +194,7 @@ def evaluate(
     """Loss and accuracy on labels; agreement with the teacher (and the soft loss, unlabeled) when given."""
     if x.shape[0] == 0:
         return {}
-    was_training = model.training
-    model.eval()
-    dtype = autocast_dtype(x.device)
-    logits = []
-    for start in range(0, x.shape[0], batch_size):
-        with _autocast(x.device, dtype):
-            logits.append(model(x[start : start + batch_size]).float())
-    model.train(was_training)
-    out = torch.cat(logits)
+    out = predict_logits(model, x, batch_size=batch_size, dtype=autocast_dtype(x.device))
     metrics: dict[str, Tensor] = {}
     if y is not None:
         metrics["loss"] = F.cross_entropy(out, y)
@@ -175,29 +216,12 @@ def _better(new: dict[str, float], best: dict[str, float] | None) -> bool:
     return new.get("loss", math.inf) < best.get("loss", math.inf)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _config_key(config: ExperimentConfig) -> str:
+def config_key(config: ExperimentConfig) -> str:
+    """The config as canonical JSON: a checkpoint resumes only the run of this very config."""
     return json.dumps(config.to_dict(), sort_keys=True, default=str)
-
-
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_checkpoint(
@@ -211,7 +235,7 @@ def _load_checkpoint(
         return None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         return None
-    if payload.get("config") != _config_key(config):
+    if payload.get("config") != config_key(config):
         return None  # a checkpoint of another config must not leak into this run
     return payload
 
@@ -225,7 +249,9 @@ def _rng_state(
     return state
 
 
-def _set_rng_state(state: Mapping[str, Tensor], order_gen, aug_gen, device: torch.device) -> None:
+def _set_rng_state(
+    state: Mapping[str, Tensor], order_gen: torch.Generator, aug_gen: torch.Generator, device: torch.device
+) -> None:
     order_gen.set_state(state["order"].cpu())
     aug_gen.set_state(state["aug"].cpu())
     torch.set_rng_state(state["torch"].cpu())
@@ -271,7 +297,7 @@ def train_model(
         raise DatasetError("the training split is empty")
     if y_train is None and not distill:
         raise DatasetError("this dataset has no labels; training without a teacher needs labels")
-    augment = _make_augment(config, x_train, bool(getattr(dataset, "is_image", x_train.dim() == 4)))
+    augment = make_augment(config, dataset, x_train)
     if distill and (augment is not None or teacher_per_batch) and teacher_logits_fn is None:
         raise ConfigError("augmentation needs the teacher itself, not only its cached logits")
 
@@ -288,14 +314,11 @@ def train_model(
 
     model.to(device)
     model.train()
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     amp = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
-    steps_per_epoch = _batches_per_epoch(n, config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps, steps_per_epoch = plan_steps(config, n)
 
     # Three random streams: data order (CPU, so the order is the same on any device), augmentation
     # (on the device, no host round trip) and torch's global one (model dropout).
@@ -329,27 +352,26 @@ def train_model(
     def checkpoint() -> None:
         if checkpoint_path is None:
             return
-        _save_checkpoint(
-            checkpoint_path,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "config": _config_key(config),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "perm": perm.cpu() if perm is not None else None,
-                "best": best or {},
-                "best_state": best_state or {},
-                "history": history,
-                "elapsed_s": elapsed_before + (time.monotonic() - started),
-                "samples_seen": samples_seen,
-                "last_eval_step": last_eval_step,
-                "rng": _rng_state(order_gen, aug_gen, device),
-            },
-        )
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_key(config),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "perm": perm.cpu() if perm is not None else None,
+            "best": best or {},
+            "best_state": best_state or {},
+            "history": history,
+            "elapsed_s": elapsed_before + (time.monotonic() - started),
+            "samples_seen": samples_seen,
+            "last_eval_step": last_eval_step,
+            "rng": _rng_state(order_gen, aug_gen, device),
+        }
+        # Atomic: a crash mid-write leaves the previous checkpoint intact.
+        atomic_write(checkpoint_path, lambda tmp: torch.save(payload, tmp))
 
     def validate() -> None:
         nonlocal best, best_state, last_eval_step
@@ -392,17 +414,16 @@ def train_model(
             xb = augment(xb, aug_gen)
 
         lr = lr_at(config, step, total_steps, steps_per_epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
 
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(xb)
         if distill:
             if teacher_train is not None:
                 tb = teacher_train[idx]
             else:
                 # Augmented batch: the teacher must see the very view the student sees.
-                with torch.no_grad(), _autocast(device, amp):
+                with torch.no_grad(), autocast(device, amp):
                     tb = torch.as_tensor(teacher_logits_fn(xb)).to(device)
             loss, hard, soft = distillation_loss(
                 logits, tb, yb, temperature=config.temperature, alpha=config.alpha, soft_loss=config.soft_loss

@@ -336,7 +336,7 @@ def flip_labels(y: np.ndarray, fraction: float, num_classes: int | None, seed: i
 
 
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and floored std per entry of the first input axis (image channel or feature), chunked."""
+    """Mean and std per entry of the first input axis (image channel or feature), chunked; std 1 below STD_FLOOR."""
     axes = (0, *range(2, x.ndim))
     shape = (x.shape[1],)
     # About 128 MiB of float64 per chunk, whatever the sample size.

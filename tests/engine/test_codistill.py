@@ -230,6 +230,19 @@ def test_resume_from_checkpoint_gives_the_same_weights(data, tmp_path, monkeypat
     assert not ckpt.exists()
 
 
+def test_a_stopped_run_leaves_a_checkpoint_to_resume_from(data, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    calls = iter(range(1000))
+    first = run_codistill(
+        config(), data, out_dir=tmp_path / "a", sink=ListSink(), should_stop=lambda: next(calls) >= 7,
+        checkpoint_path=ckpt,
+    )  # fmt: skip
+    assert first.stopped and ckpt.is_file()  # well within CHECKPOINT_EVERY_S: written on the stop
+    sink = ListSink()
+    resumed = run_codistill(config(), data, out_dir=tmp_path / "b", sink=sink, checkpoint_path=ckpt)
+    assert not resumed.stopped and min(step for step, _ in sink.rows) > 7
+
+
 # ---------------------------------------------------------------- exchange between groups
 
 

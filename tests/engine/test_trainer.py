@@ -15,7 +15,7 @@ from kd_core.device import pick_device
 from kd_core.errors import ConfigError, DatasetError, TrainingError
 from kd_core.models import build_model
 from kd_core.sinks import CsvSink, ListSink, MetricsSink, MultiSink, NullSink
-from kd_core.trainer import _flip_crop, lr_at, train_model
+from kd_core.trainer import flip_crop, lr_at, train_model
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_max_steps_caps_the_run_mid_epoch(digits):
 def test_flip_crop_gives_shifted_or_flipped_crops():
     x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8) + 1
     gen = torch.Generator().manual_seed(0)
-    out = _flip_crop(x, gen)
+    out = flip_crop(x, gen)
     assert out.shape == x.shape
     padded = nn.functional.pad(x, (1, 1, 1, 1))
     for b in range(2):
