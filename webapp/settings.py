@@ -119,7 +119,13 @@ if _channel_layer == "redis":
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+            # redis-py >= 8 times out socket reads after 5 s, exactly channels_redis's blocking
+            # receive: a quiet socket (a queued job) would then close with 1011. No read timeout.
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": None}],
+                "capacity": 1000,
+                "expiry": 30,
+            },
         }
     }
 else:

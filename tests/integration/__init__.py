@@ -1,0 +1,1 @@
+"""Integration tests: a real Redis, Celery worker process, daphne server and WebSocket client."""

@@ -1,0 +1,63 @@
+"""Celery tasks (thin): training on queue `gpu`, housekeeping on `default`; the database row is the record."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+from celery.signals import worker_ready
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(
+    name="workers.run_experiment", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+)
+def run_experiment(self, experiment_id: int) -> str:
+    """Run one experiment to its end; a worker that dies mid-job leaves the message to be redelivered."""
+    from workers import jobs
+
+    return jobs.run(int(experiment_id), task_id=self.request.id, hostname=self.request.hostname or "")
+
+
+@shared_task(
+    name="workers.run_codistill_group",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def run_codistill_group(self, experiment_id: int, group: int) -> str:
+    """One group of a codistillation with placement "workers"; see workers/codistill.py."""
+    from workers import codistill
+
+    return codistill.run_group(int(experiment_id), int(group), hostname=self.request.hostname or "")
+
+
+@shared_task(name="workers.cleanup", ignore_result=True)
+def cleanup(max_age_hours: float = 24.0) -> int:
+    """Remove state folders of finished experiments and stale temp downloads; returns how many went."""
+    from workers import jobs
+
+    return jobs.cleanup(max_age_s=max_age_hours * 3600)
+
+
+@worker_ready.connect
+def requeue_own_orphans(sender=None, **_: object) -> None:
+    """A worker restarting under the same name (same container or host) requeues the jobs it was running.
+
+    Such a job's message is unacknowledged on the broker until its visibility timeout (an hour); the
+    requeue gives it a new task id so the late redelivery of the old message is dropped as stale.
+    """
+    hostname = getattr(sender, "hostname", "") or ""
+    if not hostname:
+        return
+    try:
+        from workers import jobs
+
+        for experiment_id in jobs.requeue_orphans(hostname):
+            log.warning(
+                "requeued experiment %s, which was running on %s when it stopped", experiment_id, hostname
+            )
+    except Exception:  # noqa: BLE001 - a worker must start even if this check cannot run
+        log.exception("could not check for orphaned jobs of %s", hostname)
