@@ -1,0 +1,132 @@
+// Teachers page: upload a checkpoint (format from the extension; a spec editor for bare state dicts).
+import { $, apiGet, apiSend, el, fmtCount, items, showError, uploadWithProgress } from "kd/api.js";
+
+const FORMATS = { safetensors: "safetensors", pt: "state dict", pth: "state dict", ts: "TorchScript", onnx: "ONNX" };
+const fileInput = $("#ck-file");
+const archField = $("#arch-field");
+const archText = $("#ck-arch");
+const archErr = $("#arch-err");
+const msg = $("#upload-msg");
+
+function ext(name) { const m = /\.([a-z]+)$/i.exec(name || ""); return m ? m[1].toLowerCase() : ""; }
+
+function onFile() {
+  const f = fileInput.files[0];
+  const e = ext(f?.name);
+  $("#ck-format").textContent = f ? (FORMATS[e] || `unsupported (.${e})`) : "–";
+  // A state dict carries no architecture; a safetensors file may (ours do), so its spec is optional.
+  archField.classList.toggle("hidden", !(e === "pt" || e === "pth" || e === "safetensors"));
+  $("#arch-help").firstChild.textContent = e === "safetensors"
+    ? "Optional for safetensors: needed only when the file carries no model spec in its metadata, e.g. "
+    : "A bare state dict holds only weights: say which model they belong to, e.g. ";
+  archText.dataset.optional = e === "safetensors" ? "1" : "";
+  if (e === "safetensors" && archText.dataset.touched !== "1") archText.value = "";
+  if ((e === "pt" || e === "pth") && !archText.value.trim()) archText.value = '{"arch": "mlp", "hidden": [128]}';
+  validateArch();
+}
+fileInput.addEventListener("change", onFile);
+archText.addEventListener("input", () => { archText.dataset.touched = "1"; validateArch(); });
+
+function validateArch() {
+  archErr.textContent = "";
+  const text = archText.value.trim();
+  if (!text) return archText.dataset.optional === "1" ? null : "required";
+  try {
+    const spec = JSON.parse(text);
+    if (!spec || typeof spec !== "object" || Array.isArray(spec)) throw new Error("the spec must be a JSON object");
+    if (!["mlp", "cnn", "resnet"].includes(spec.arch)) throw new Error('"arch" must be "mlp", "cnn" or "resnet"');
+    return spec;
+  } catch (e) { archErr.textContent = `Spec: ${e.message}`; return undefined; }
+}
+
+$("#upload-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const f = fileInput.files[0];
+  if (!f) { showError(msg, "Choose a file first."); return; }
+  const e = ext(f.name);
+  if (!FORMATS[e]) { showError(msg, "The file must end in .safetensors, .pt, .pth, .ts or .onnx."); return; }
+  const fd = new FormData();
+  fd.append("file", f);
+  fd.append("name", $("#ck-name").value.trim() || f.name.replace(/\.[^.]+$/, ""));
+  if (!archField.classList.contains("hidden")) {
+    const spec = validateArch();
+    if (spec === undefined) return;
+    if (spec === "required") { archErr.textContent = "A state dict needs its architecture spec."; return; }
+    if (spec) fd.append("arch", JSON.stringify(spec));
+    if ($("#ck-dataset").value) fd.append("dataset", $("#ck-dataset").value);
+  }
+  const bar = $("#upload-progress");
+  bar.classList.remove("hidden");
+  $("#upload-btn").disabled = true;
+  msg.replaceChildren();
+  try {
+    const ck = await uploadWithProgress("/api/checkpoints/", fd, (p) => {
+      bar.firstElementChild.style.width = `${(p * 100).toFixed(1)}%`;
+      $("#upload-pct").textContent = p < 1 ? `${Math.round(p * 100)}%` : "inspecting…";
+    });
+    msg.replaceChildren(el("div", { class: "alert ok", text: `Teacher “${ck.name}” is ready.` }));
+    $("#upload-form").reset();
+    $("#ck-format").textContent = "–";
+    archField.classList.add("hidden");
+    showFound(ck);
+    async function loadDatasets() {
+  try {
+    const list = items(await apiGet("/api/datasets/"));
+    $("#ck-dataset").append(...list.map((d) => el("option", { value: d.id, text: `${d.name} (${Array.isArray(d.input_shape) ? d.input_shape.join("×") : "?"}, ${d.num_classes ?? "?"} classes)` })));
+  } catch { /* optional field */ }
+}
+
+loadList();
+loadDatasets();
+  } catch (err) {
+    msg.replaceChildren(el("div", { class: "alert error", role: "alert", id: "upload-error" }, el("strong", { text: "Refused: " }), err.message));
+  } finally {
+    bar.classList.add("hidden");
+    $("#upload-pct").textContent = "";
+    $("#upload-btn").disabled = false;
+  }
+});
+
+function shape(s) { return Array.isArray(s) ? `(${s.join(" × ")})` : (s ?? "–"); }
+function stat(v, l) { return el("div", { class: "stat" }, el("div", { class: "v", text: v }), el("div", { class: "l", text: l })); }
+
+function showFound(ck) {
+  $("#found").replaceChildren(
+    el("h3", { text: ck.name }),
+    el("div", { class: "stats", id: "ck-stats" }, stat(fmtCount(ck.num_params), "parameters"),
+      stat(shape(ck.input_shape), "input shape"), stat(ck.num_classes ?? "–", "classes"), stat(ck.format ?? "–", "format")),
+    ck.arch || ck.spec ? el("pre", { style: "margin-top:.8rem", text: JSON.stringify(ck.arch || ck.spec) }) : null,
+    el("div", { class: "row", style: "margin-top:1rem" },
+      el("a", { class: "btn", href: `/experiments/new/?kind=distill&teacher=${ck.id}`, text: "Distil this teacher" })));
+}
+
+async function loadList() {
+  const tbody = $("#ck-table tbody");
+  try {
+    const list = items(await apiGet("/api/checkpoints/"));
+    if (!list.length) { tbody.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No teachers yet." }))); return; }
+    tbody.replaceChildren(...list.map((c) => el("tr", { "data-id": c.id },
+      el("td", {}, el("a", { href: "#", text: c.name, onclick: (e) => { e.preventDefault(); showFound(c); } })),
+      el("td", { text: c.format ?? "–" }), el("td", { class: "num", text: fmtCount(c.num_params) }),
+      el("td", { class: "mono", text: shape(c.input_shape) }), el("td", { class: "num", text: c.num_classes ?? "–" }),
+      el("td", {}, c.source_experiment ? el("a", { href: `/experiments/${c.source_experiment}/`, text: `experiment #${c.source_experiment}` }) : "uploaded"),
+      el("td", { class: "num" },
+        el("a", { class: "btn small secondary", href: `/experiments/new/?kind=distill&teacher=${c.id}`, text: "Distil" }), " ",
+        c.source_experiment ? null : el("button", { class: "btn small danger", type: "button", text: "Delete", onclick: async () => {
+          if (!confirm(`Delete teacher “${c.name}”?`)) return;
+          try { await apiSend("DELETE", `/api/checkpoints/${c.id}/`); loadList(); } catch (e) { alert(e.message); }
+        } })))));
+  } catch (e) {
+    tbody.replaceChildren(el("tr", {}, el("td", { colspan: 7 }, el("div", { class: "alert error", text: e.message }))));
+  }
+}
+
+async function loadDatasets() {
+  try {
+    const list = items(await apiGet("/api/datasets/"));
+    $("#ck-dataset").append(...list.map((d) => el("option", { value: d.id, text: `${d.name} (${Array.isArray(d.input_shape) ? d.input_shape.join("×") : "?"}, ${d.num_classes ?? "?"} classes)` })));
+  } catch { /* optional field */ }
+}
+
+loadList();
+loadDatasets();

@@ -1,0 +1,41 @@
+"""Browser pages: thin views that render templates; the pages' JavaScript talks to the JSON API."""
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    if not request.user.is_authenticated:
+        return redirect("/login/")
+    return experiments(request)
+
+
+@login_required
+def datasets(request: HttpRequest) -> HttpResponse:
+    return render(request, "datasets.html", {"nav": "datasets"})
+
+
+@login_required
+def teachers(request: HttpRequest) -> HttpResponse:
+    return render(request, "teachers.html", {"nav": "teachers"})
+
+
+@login_required
+def experiments(request: HttpRequest) -> HttpResponse:
+    return render(request, "experiments.html", {"nav": "experiments"})
+
+
+@login_required
+def new_experiment(request: HttpRequest) -> HttpResponse:
+    return render(request, "experiment_new.html", {"nav": "new"})
+
+
+@login_required
+def experiment_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    return render(request, "experiment_detail.html", {"nav": "experiments", "experiment_id": pk})
+
+
+@login_required
+def compare(request: HttpRequest) -> HttpResponse:
+    return render(request, "compare.html", {"nav": "compare"})
