@@ -320,6 +320,49 @@ def check_finite(value: float, replica: int, step: int) -> None:
         )
 
 
+# ---------------------------------------------------------------- best-on-validation weights
+
+
+class KeepBest:
+    """One replica's best weights on validation (accuracy, ties to the lower loss), as train/distill keep.
+
+    Training goes on from the current weights (and the exchanged copies are the current ones);
+    only the exported replica is the kept one, so the downloaded student is the best it ever was.
+    """
+
+    def __init__(self) -> None:
+        self.acc: float | None = None
+        self.loss = math.inf
+        self.step = -1
+        self.state: dict[str, Tensor] | None = None
+
+    def offer(self, step: int, acc: float, loss: float, model: nn.Module) -> bool:
+        """Keep `model`'s weights if they beat the kept ones; NaN accuracies never win."""
+        acc = acc if acc == acc else -1.0
+        loss = loss if loss == loss else math.inf
+        if self.acc is not None and (acc < self.acc or (acc == self.acc and loss >= self.loss)):
+            return False
+        self.acc, self.loss, self.step = acc, loss, int(step)
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def restore(self, model: nn.Module) -> None:
+        """Put the kept weights back into `model` (nothing kept: the current weights stay)."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"acc": self.acc, "loss": self.loss, "step": self.step, "state": self.state or {}}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any] | None) -> KeepBest:
+        keep = cls()
+        if payload and payload.get("state"):
+            keep.acc, keep.loss = float(payload["acc"]), float(payload["loss"])
+            keep.step, keep.state = int(payload["step"]), dict(payload["state"])
+        return keep
+
+
 # ---------------------------------------------------------------- the in-process loop
 
 
@@ -424,9 +467,10 @@ def _run_in_process(
     if not lockstep and n_rep > 1:
         copies = [copy.deepcopy(r.model).eval().requires_grad_(False) for r in replicas]
 
+    keeps = [KeepBest() for _ in replicas]
     start = 0
     if checkpoint_path is not None and Path(checkpoint_path).is_file():
-        start, copy_step = _load_checkpoint(Path(checkpoint_path), replicas, copies, config, device)
+        start, copy_step = _load_checkpoint(Path(checkpoint_path), replicas, copies, keeps, config, device)
 
     t0 = time.perf_counter()
     last_log_t, last_log_step, samples_since, samples_total = t0, start, 0, 0
@@ -492,6 +536,8 @@ def _run_in_process(
         if evaluated:
             val = split_metrics([predict_logits(r.model, x_val) for r in replicas], y_val)
             best = best_index(val["acc"], val["loss"])
+            for k, r in enumerate(replicas):
+                keeps[k].offer(step, val["acc"][k], val["loss"][k], r.model)
         if step % config.log_every == 0 or step == total:
             now = time.perf_counter()
             n_steps = step - last_log_step
@@ -517,11 +563,13 @@ def _run_in_process(
             and step < total
             and time.perf_counter() - last_ckpt_t > CHECKPOINT_EVERY_S
         ):
-            _save_checkpoint(Path(checkpoint_path), step, copy_step, replicas, copies, config)
+            _save_checkpoint(Path(checkpoint_path), step, copy_step, replicas, copies, keeps, config)
             last_ckpt_t = time.perf_counter()
 
     if checkpoint_path is not None and stopped:  # a requeued job resumes from here, as train/distill do
-        _save_checkpoint(Path(checkpoint_path), step, copy_step, replicas, copies, config)
+        _save_checkpoint(Path(checkpoint_path), step, copy_step, replicas, copies, keeps, config)
+    for keep, r in zip(keeps, replicas):
+        keep.restore(r.model)
     models = [r.model for r in replicas]
     val, test, best = measure_replicas(models, val_split, test_split)
     files: dict[str, str] = {}
@@ -529,6 +577,8 @@ def _run_in_process(
         per_files = [export_replica(m, dataset, out_dir, f"replica{k}", config) for k, m in enumerate(models)]
         files = student_files(per_files, best, out_dir)
     metrics = final_metrics(val, test, best, count_params(models[best]), step)
+    for k, keep in enumerate(keeps):
+        metrics[f"replica{k}_kept_step"] = float(keep.step if keep.state is not None else step)
     metrics["train_time_s"] = time.perf_counter() - t0
     metrics["samples_per_s"] = samples_total / max(metrics["train_time_s"], 1e-9)
     if checkpoint_path is not None and not stopped:
@@ -564,6 +614,7 @@ def _save_checkpoint(
     copy_step: int,
     replicas: list[_Replica],
     copies: list[nn.Module],
+    keeps: list[KeepBest],
     config: ExperimentConfig,
 ) -> None:
     payload = {
@@ -573,6 +624,7 @@ def _save_checkpoint(
         "models": [r.model.state_dict() for r in replicas],
         "optimizers": [r.optimizer.state_dict() for r in replicas],
         "copies": [c.state_dict() for c in copies],
+        "kept": [keep.to_dict() for keep in keeps],
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
@@ -581,6 +633,7 @@ def _load_checkpoint(
     path: Path,
     replicas: list[_Replica],
     copies: list[nn.Module],
+    keeps: list[KeepBest],
     config: ExperimentConfig,
     device: torch.device,
 ) -> tuple[int, int]:
@@ -595,4 +648,7 @@ def _load_checkpoint(
         r.optimizer.load_state_dict(o)
     for c, s in zip(copies, payload["copies"]):
         c.load_state_dict(s)
+    for k, kept in enumerate(payload.get("kept") or []):
+        if k < len(keeps):
+            keeps[k] = KeepBest.from_dict(kept)
     return int(payload["step"]), int(payload["copy_step"])

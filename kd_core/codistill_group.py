@@ -39,6 +39,7 @@ from torch import nn
 from kd_core.atomic import atomic_write
 from kd_core.codistill import (
     BatchOrder,
+    KeepBest,
     best_index,
     check_finite,
     check_trainable,
@@ -166,6 +167,18 @@ class _Peers:
                     tensor.copy_(buf.to(tensor.device))
             self.versions[j] = version
 
+    def live_ensemble(self, own: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor) -> dict[str, float]:
+        """Live ensemble accuracy/loss and churn on validation: own logits with every held copy.
+
+        The copies are stale (up to `exchange_every` steps), so these curves trail the exact
+        final figures `combine_group_results` logs; nothing until every other group's copy is held.
+        """
+        if not self.others or any(v == 0 for v in self.versions.values()):
+            return {}
+        logits = [own, *(predict_logits(self.models[j], x_val) for j in self.others)]
+        m = split_metrics(logits, y_val)
+        return {"ensemble/val/acc": m["ens_acc"], "ensemble/val/loss": m["ens_loss"], "churn": m["churn"]}
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
             return [self.models[j](x) for j in self.others if j in self.models]
@@ -208,6 +221,7 @@ def _group_loop(
             dist.broadcast(buf, src=0)
             tensor.copy_(buf.to(tensor.device))
     peers = _Peers(config, dataset, group, device)
+    keep = KeepBest()
     val_split, test_split = eval_splits(dataset, x_train, y_train)
     x_val, y_val = val_split
     eval_every = eval_period(config.log_every, per_epoch)
@@ -274,7 +288,14 @@ def _group_loop(
         if world > 1 and stop_here:
             stopped = True
 
-        if rank == 0 and (step % config.log_every == 0 or step == total or stopped):
+        log_now = step % config.log_every == 0 or step == total or stopped
+        val = None
+        if log_now and (step % eval_every == 0 or step == total or stopped):
+            # Every rank evaluates its (identical) weights, so all keep the same best ones.
+            val_logits = predict_logits(model, x_val)
+            val = split_metrics([val_logits], y_val)
+            keep.offer(step, val["acc"][0], val["loss"][0], model)
+        if rank == 0 and log_now:
             now = time.perf_counter()
             n_steps = max(step - last_log_step, 1)
             values = {
@@ -287,10 +308,11 @@ def _group_loop(
             }
             for j, v in peers.versions.items():
                 values[f"{p}exchange/peer{j}_version"] = float(v)
-            if step % eval_every == 0 or step == total or stopped:
-                val = split_metrics([predict_logits(model, x_val)], y_val)
+            if val is not None:
                 values[p + "val/loss"] = val["loss"][0]
                 values[p + "val/acc"] = val["acc"][0]
+                if group == 0 and step < total and not stopped:
+                    values.update(peers.live_ensemble(val_logits, x_val, y_val))
             sink.log(step, values)
             sink.status(step / total, (now - t0) / step * (total - step))
             sums.zero_()
@@ -298,10 +320,11 @@ def _group_loop(
         if stopped:
             break
 
+    keep.restore(model)  # the best weights on validation, as train/distill export
     if rank != 0:
         return None, {}, stopped, model
     if exchange is not None and cd.replicas > 1:
-        exchange.publish(group, step, model.state_dict())  # the final copy, for laggards
+        exchange.publish(group, step, model.state_dict())  # the final (kept) copy, for laggards
     val, test, _ = measure_replicas([model], val_split, test_split)
     files = export_replica(model, dataset, out_dir, f"replica{group}", config)
     metrics = {
@@ -311,6 +334,7 @@ def _group_loop(
         "test_loss": test["loss"][0],
         "student_params": float(count_params(model)),
         "steps": float(step),
+        "kept_step": float(keep.step if keep.state is not None else step),
         "group": float(group),
         "train_time_s": time.perf_counter() - t0,
     }
@@ -318,6 +342,14 @@ def _group_loop(
 
 
 # ---------------------------------------------------------------- worker subprocesses
+
+
+def group_status(
+    progress: Mapping[int, float], eta: Mapping[int, float | None]
+) -> tuple[float, float | None]:
+    """The experiment's (progress, eta_s) from its groups': mean progress, the slowest group's ETA."""
+    etas = [e for e in eta.values() if e is not None]
+    return sum(progress.values()) / max(len(progress), 1), max(etas) if etas else None
 
 
 class JsonlSink:
@@ -493,8 +525,7 @@ def _supervise(
                     elif "progress" in line:
                         progress[g] = line["progress"]
                         eta[g] = line.get("eta_s")
-                        etas = [e for e in eta.values() if e is not None]
-                        sink.status(min(progress.values()), max(etas) if etas else None)
+                        sink.status(*group_status(progress, eta))
             for item in list(running):
                 codes = [proc.poll() for proc in item.procs]
                 # A worker that crashes while the process group shuts down, after it left its
@@ -509,6 +540,8 @@ def _supervise(
                     running.remove(item)
                 elif all(c is not None for c in codes):
                     running.remove(item)
+                if item not in running:  # an ended group (done or failed) counts as done
+                    progress[item.group], eta[item.group] = 1.0, None
             if not running:
                 break
             time.sleep(RELAY_PERIOD_S)

@@ -7,20 +7,46 @@ each group trains with kd_core's `run_codistill_group` against a FileExchange in
 `KD_STATE_DIR/jobs/<id>/exchange` (shared storage when workers are on several machines), leaves
 `group<g>.json` with its files or its error, and the last group to finish combines them
 (`combine_group_results`), stores the artifacts and sets the final status.
+
+While it runs, each group keeps `progress/group<g>.json` fresh (worker name, progress, ETA, a
+heartbeat every HEARTBEAT_S): the experiment's progress is the mean over groups (an ended group
+counts as done), its ETA the slowest group's. A group that finishes while others still train
+waits for them, unless one has not started yet (it then finishes last and combines; waiting
+would hold the worker it needs). A group whose heartbeat is older than KD_CODISTILL_STALE_S
+(its worker died: a SIGKILLed worker's message stays unacknowledged for hours) is recorded as
+failed by the one that waits, which then combines without it. Outcome: `succeeded` when at least
+one replica survives, with `metrics["group_errors"]` naming each lost group and why; `failed`
+only when no group left a replica. `metrics["groups"]` lists, per group, the worker that ran it,
+its start and end time (Unix seconds), steps trained and error, if any.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from django.db import close_old_connections
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+
+
+def stale_after_s() -> float:
+    """How long a group may stay silent before the others count it dead (KD_CODISTILL_STALE_S)."""
+    try:
+        value = float(os.environ.get("KD_CODISTILL_STALE_S", "60"))
+    except ValueError:
+        return 60.0
+    return value if math.isfinite(value) and value >= 3 * HEARTBEAT_S else 60.0
 
 
 def spread_enabled(exp: Any) -> bool:
@@ -38,15 +64,103 @@ def fan_out(exp: Any, folder: Path) -> str:
     for marker in folder.glob("group*.json"):
         marker.unlink()  # an earlier attempt's outcome must not count for this one
     (folder / "combine.lock").unlink(missing_ok=True)
+    shutil.rmtree(folder / "progress", ignore_errors=True)
     for g in range(replicas):
         app.send_task("workers.run_codistill_group", args=[exp.pk, g], queue="gpu")
     return f"running: {replicas} codistillation groups queued"
 
 
-def _write_marker(folder: Path, group: int, payload: dict[str, Any]) -> None:
-    tmp = folder / f".group{group}.json.tmp"
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(payload))
-    os.replace(tmp, folder / f"group{group}.json")
+    os.replace(tmp, path)
+
+
+def _write_marker(folder: Path, group: int, payload: dict[str, Any]) -> None:
+    _write_json(folder / f"group{group}.json", payload)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class GroupReporter:
+    """One group's heartbeat and progress in the shared folder, and the experiment's status from all groups.
+
+    Wraps the group's DbChannelSink: metrics pass through; `status` records this group's own
+    progress and hands the sink the mean over groups (ended groups count 1) and the slowest ETA.
+    A thread rewrites the file every HEARTBEAT_S, so loading and exporting count as alive too.
+    """
+
+    def __init__(self, sink: Any, folder: Path, group: int, replicas: int, worker: str) -> None:
+        self.sink, self.folder, self.group, self.replicas = sink, folder, group, replicas
+        self.path = folder / "progress" / f"group{group}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.state: dict[str, Any] = {
+            "worker": worker,
+            "started": time.time(),
+            "progress": 0.0,
+            "eta_s": None,
+        }
+        self._last_mean = 0.0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name=f"codistill-heartbeat-{group}", daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        with self._lock:
+            _write_json(self.path, {**self.state, "beat": time.time()})
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.beat()
+            except OSError:
+                log.warning("codistillation group %s: heartbeat not written", self.group, exc_info=True)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.sink.log(step, values)
+
+    def status(self, progress: float, eta_s: float | None) -> None:
+        from kd_core.codistill_group import group_status
+
+        self.state["progress"], self.state["eta_s"] = float(progress), eta_s
+        if time.monotonic() - self._last_mean < 1.0:
+            return  # reading every group's file each logged step would be wasted work
+        self._last_mean = time.monotonic()
+        self.beat()
+        progress_by, eta_by = {}, {}
+        for g in range(self.replicas):
+            if (self.folder / f"group{g}.json").exists():
+                progress_by[g], eta_by[g] = 1.0, None
+                continue
+            other = (
+                self.state
+                if g == self.group
+                else (_read_json(self.folder / "progress" / f"group{g}.json") or {})
+            )
+            progress_by[g], eta_by[g] = float(other.get("progress") or 0.0), other.get("eta_s")
+        self.sink.status(*group_status(progress_by, eta_by))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _group_state(folder: Path, g: int, stale_s: float) -> tuple[str, dict[str, Any]]:
+    """("done" | "running" | "dead" | "waiting", what the group last wrote) of group g."""
+    if (folder / f"group{g}.json").exists():
+        return "done", {}
+    beat = _read_json(folder / "progress" / f"group{g}.json")
+    if beat is None:
+        return "waiting", {}
+    age = time.time() - float(beat.get("beat") or 0.0)
+    return ("dead" if age > stale_s else "running"), beat
 
 
 def run_group(experiment_id: int, group: int, *, hostname: str = "") -> str:
@@ -63,21 +177,51 @@ def run_group(experiment_id: int, group: int, *, hostname: str = "") -> str:
     if exp is None or exp.status != Experiment.RUNNING:
         return "skipped: experiment not running"
     folder = job_dir(exp.pk)
+    replicas = int((exp.config.get("codistill") or {}).get("replicas", 2))
+    worker = hostname or socket.gethostname()
     sink = DbChannelSink(exp.pk)
+    reporter = GroupReporter(sink, folder, group, replicas, worker)
     stop = StopSignal(exp.pk)
+    payload: dict[str, Any] = {"worker": worker, "started": reporter.state["started"]}
     try:
         config, dataset, _ = resolve_inputs(exp, folder)
         result = run_codistill_group(
             config, dataset, group, FileExchange(folder / "exchange"), out_dir=folder / f"group{group}",
-            sink=sink, should_stop=stop, device=pick_device("auto"),
+            sink=reporter, should_stop=stop, device=pick_device("auto"),
         )  # fmt: skip
-        payload = {"files": {k: str(v) for k, v in result.files.items()}, "stopped": bool(result.stopped)}
+        payload["files"] = {k: str(v) for k, v in result.files.items()}
+        payload["stopped"] = bool(result.stopped)
+        payload["steps"] = int((result.metrics or {}).get("steps", 0))
     except Exception as exc:  # noqa: BLE001 - the group's reason is recorded; the others carry on
         log.exception("experiment %s: codistillation group %s failed", exp.pk, group)
-        payload = {"error": _human_error(exc)}
+        payload["error"] = _human_error(exc)
     finally:
+        reporter.stop()
         sink.close()
+    payload["finished"] = time.time()
     _write_marker(folder, group, payload)
+    return _combine_when_settled(exp, folder, replicas)
+
+
+def _combine_when_settled(exp: Any, folder: Path, replicas: int) -> str:
+    """Combine once every group has ended or gone silent; leave it to a group that has yet to start."""
+    stale_s = stale_after_s()
+    while True:
+        states = {g: _group_state(folder, g, stale_s) for g in range(replicas)}
+        kinds = {kind for kind, _ in states.values()}
+        if "waiting" in kinds:
+            return "group done; a group has yet to start and will combine"
+        if "running" not in kinds:
+            break
+        time.sleep(1.0)
+    for g, (kind, beat) in states.items():
+        if kind == "dead" and not (folder / f"group{g}.json").exists():
+            silent = time.time() - float(beat.get("beat") or 0.0)
+            _write_marker(folder, g, {
+                "worker": beat.get("worker", ""), "started": beat.get("started"), "finished": None,
+                "error": f"lost: its worker {beat.get('worker') or '?'} stopped reporting {silent:.0f} s ago "
+                f"at {100 * float(beat.get('progress') or 0.0):.0f}% (killed or unreachable)",
+            })  # fmt: skip
     return _combine_if_last(exp, folder)
 
 
@@ -108,7 +252,10 @@ def _combine_if_last(exp: Any, folder: Path) -> str:
             _finish(exp.pk, status=Experiment.FAILED, error="; ".join(errors) or "no group left a replica")
             return Experiment.FAILED
         config, dataset, _ = resolve_inputs(exp, folder)
-        result = combine_group_results(config, dataset, group_files, out_dir=folder / "out", sink=sink)
+        step = max((int(o.get("steps") or 0) for o in outcomes), default=0) or None
+        result = combine_group_results(
+            config, dataset, group_files, out_dir=folder / "out", sink=sink, step=step
+        )
         stopped = exp.cancel_requested or any(o.get("stopped") for o in outcomes)
         _save_artifacts(exp, result.files)
         if not stopped and result.files.get("safetensors"):
@@ -116,6 +263,10 @@ def _combine_if_last(exp: Any, folder: Path) -> str:
         metrics = _json_metrics(result.metrics)
         if errors:
             metrics["group_errors"] = errors
+        metrics["groups"] = [
+            {"group": g, **{k: o.get(k) for k in ("worker", "started", "finished", "steps", "error")}}
+            for g, o in enumerate(outcomes)
+        ]
         status = Experiment.CANCELLED if stopped else Experiment.SUCCEEDED
         done = {"progress": 1.0} if status == Experiment.SUCCEEDED else {}
         _finish(exp.pk, status=status, metrics=metrics, eta_s=None, finished=timezone.now(), **done)

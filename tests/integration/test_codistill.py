@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.integration.client import Api
-from tests.integration.jobs import wait_for, write_digits_npz
+from tests.integration.jobs import FINISHED, wait_for, write_digits_npz
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +40,97 @@ def test_groups_run_as_tasks_exchange_copies_and_combine(api: Api, dataset_id: i
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     out = session.run(["logits"], {"input": np.zeros((3, 1, 8, 8), np.float32)})[0]
     assert out.shape == (3, 10)
+
+
+# ---------------------------------------------------------------- two real worker processes
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory):
+    """A stack of its own with two Celery worker processes (concurrency 1 each): one group per worker.
+
+    Its own, because the fault test below SIGKILLs a worker. A group silent for 10 s counts as lost.
+    """
+    from tests.stack import ROOT, start_stack
+
+    if not (ROOT / "manage.py").exists():
+        pytest.skip("the web app (manage.py) is not there yet")
+    tmp = tmp_path_factory.mktemp("codistill-2w")
+    stack = start_stack(tmp, workers=2, extra_env={"KD_CODISTILL_STALE_S": "10"})
+    try:
+        api = Api(stack.url, stack.make_user("it-codistill", "it-codistill-pw-1234"))
+        path = write_digits_npz(tmp / "digits.npz")
+        dataset = api.upload("/api/datasets/", {"name": "digits-2w"}, path)["id"]
+        yield stack, api, dataset
+    finally:
+        stack.stop()
+
+
+def _config(dataset: int, name: str, max_steps: int) -> dict:
+    return {"kind": "codistill", "name": name, "dataset": dataset, "model": {"arch": "mlp", "hidden": [64]},
+            "epochs": 1000, "max_steps": max_steps, "log_every": 25,
+            "codistill": {"replicas": 2, "burn_in_steps": 50, "exchange_every": 25, "placement": "workers"}}  # fmt: skip
+
+
+def _node(worker: str) -> str:
+    return worker.split("@", 1)[0]
+
+
+def test_two_workers_train_the_groups_concurrently_and_exchange_live(two_workers) -> None:
+    stack, api, dataset = two_workers
+    total = 5000
+    experiment_id = api.post("/api/experiments/", _config(dataset, "it-codistill-2w", total))["id"]
+    seen_progress = []
+    while (exp := api.get(f"/api/experiments/{experiment_id}/"))["status"] not in FINISHED:
+        seen_progress.append(exp["progress"] or 0.0)
+        time.sleep(0.2)
+    assert exp["status"] == "succeeded", exp
+    m = exp["metrics"]
+    assert "group_errors" not in m and 0 <= m["churn"] <= 1 and m["ensemble_val_acc"] > 0.5
+    assert m["val_acc"] == max(m["replica0_val_acc"], m["replica1_val_acc"])
+    groups = m["groups"]
+    # One group per worker process, both at once.
+    assert {_node(g["worker"]) for g in groups} == {
+        _node(stack.nodes["worker"]),
+        _node(stack.nodes["worker1"]),
+    }
+    assert max(g["started"] for g in groups) < min(g["finished"] for g in groups)
+    assert all(g["steps"] == total and g["error"] is None for g in groups)
+    series = api.get(f"/api/experiments/{experiment_id}/metrics/")["series"]
+    # Each picked up copies the other published while it was still training (not only its final one):
+    # a group publishes at burn-in, every 25 steps, and once at the end.
+    final_version = len(range(50, total, 25)) + 1
+    for g in (0, 1):
+        held = [v for _, v in series[f"replica{g}/exchange/peer{1 - g}_version"]]
+        assert any(1 <= v < final_version for v in held), (held, groups)
+    # Live ensemble/churn curves during training (from group 0's held copy), the exact point at the end.
+    ens_steps = [s for s, _ in series["ensemble/val/acc"]]
+    assert min(ens_steps) < total and max(ens_steps) == total and "churn" in series
+    assert any(0 < p < 1 for p in seen_progress) and exp["progress"] == 1.0
+
+
+def test_a_group_whose_worker_is_killed_does_not_stall_the_other(two_workers) -> None:
+    stack, api, dataset = two_workers
+    experiment_id = api.post("/api/experiments/", _config(dataset, "it-codistill-kill", 6000))["id"]
+    deadline = time.monotonic() + 60
+    while True:  # both groups training: each has logged a loss
+        series = api.get(f"/api/experiments/{experiment_id}/metrics/")["series"]
+        if "replica0/train/loss" in series and "replica1/train/loss" in series:
+            break
+        assert time.monotonic() < deadline, api.get(f"/api/experiments/{experiment_id}/")
+        time.sleep(0.1)
+    killed = _node(stack.nodes["worker1"])
+    stack.kill("worker1")  # SIGKILL to the worker and its pool child: no goodbye, no marker
+    exp = wait_for(api, experiment_id, timeout=180)
+    # Semantics: a replica survived, so the experiment succeeds with that replica, naming the lost group.
+    assert exp["status"] == "succeeded", exp
+    groups = {g["group"]: g for g in exp["metrics"]["groups"]}
+    lost = [g for g, info in groups.items() if info["error"]]
+    assert len(lost) == 1, groups
+    (dead,) = lost
+    assert _node(groups[dead]["worker"]) == killed and groups[1 - dead]["error"] is None
+    (error,) = exp["metrics"]["group_errors"]
+    assert error.startswith(f"group {dead}: lost") and killed in error
+    assert exp["metrics"]["best_replica"] == 1 - dead and f"replica{dead}_val_acc" not in exp["metrics"]
+    replicas = {a["replica"] for a in exp["artifacts"]}
+    assert replicas == {None, 1 - dead}
