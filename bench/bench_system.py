@@ -4,8 +4,11 @@
 - metric latency: from the trainer handing a metric to the sink (the message's `time`) to a client receiving it
   (the sink batches about every 0.5 s by design, so this includes the batching wait);
 - upload memory: the web (daphne) process's resident memory while a 1 GiB NPZ is streamed to
-  POST /api/datasets/ (receiving) and while the app inspects it (VmRSS sampled every 20 ms, VmHWM at the end).
-Run: `python -m bench bench_system` (or `make bench`). KD_BENCH_UPLOAD_MB sets the upload size (0: skip it).
+  POST /api/datasets/ (receiving) and until it answers (VmRSS sampled every 20 ms, VmHWM at the end); a file
+  above KD_SYNC_INSPECT_MAX_BYTES (64 MiB) is then inspected by the worker: its processes' peak RSS and the
+  time until the dataset is ready.
+Run: `python -m bench bench_system` (or `make bench`). KD_BENCH_UPLOAD_MB sets the upload size (0: skip it);
+KD_BENCH_SYNC_INSPECT=1 makes the stack inspect it in the request instead (the old path, now lean).
 """
 
 from __future__ import annotations
@@ -84,8 +87,40 @@ def _write_big_npz(path: Path, megabytes: int) -> None:
     path.with_suffix(".x.npy").unlink()
 
 
-def _upload_streaming(stack: Any, token: str, path: Path, on_sent: Any) -> tuple[int, float, float]:
-    """POST the file as multipart in 1 MiB chunks; returns (HTTP status, seconds sending, seconds total).
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (a Celery worker's pool children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _max_rss(pids: list[int]) -> tuple[int, int]:
+    """The largest (VmRSS, RssAnon) among `pids`: RssAnon leaves out memory-mapped file pages."""
+    best, anon = 0, 0
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        best = max(best, int(fields["VmRSS"].split()[0]) * 1024)
+        anon = max(anon, int(fields["RssAnon"].split()[0]) * 1024)
+    return best, anon
+
+
+def _upload_streaming(stack: Any, token: str, path: Path, on_sent: Any) -> tuple[int, float, float, dict]:
+    """POST the file as multipart in 1 MiB chunks; returns (HTTP status, seconds sending, seconds total, body).
 
     `on_sent` is called once the last byte is written: from then on the server parses, stores, inspects.
     """
@@ -112,25 +147,33 @@ def _upload_streaming(stack: Any, token: str, path: Path, on_sent: Any) -> tuple
     sent = time.monotonic() - t0
     on_sent()
     response = conn.getresponse()
-    response.read()
+    body = json.loads(response.read() or b"{}")
     conn.close()
-    return response.status, sent, time.monotonic() - t0
+    return response.status, sent, time.monotonic() - t0, body
 
 
-def bench_upload(stack: Any, token: str, megabytes: int) -> dict[str, Any]:
+def bench_upload(stack: Any, api: Any, megabytes: int) -> dict[str, Any]:
+    token = api.token
     pid = stack.procs["web"].pid
+    worker_pids = _tree(stack.procs["worker"].pid)
     with tempfile.TemporaryDirectory(dir=stack.tmp_dir) as tmp:
         path = Path(tmp) / "big.npz"
         _write_big_npz(path, megabytes)
         size = path.stat().st_size
         baseline_rss, baseline_hwm = _rss(pid)
+        worker_before, worker_anon_before = _max_rss(worker_pids)
         phase = {"now": "sending"}
-        peaks = {"sending": baseline_rss, "processing": baseline_rss}
+        peaks = {"sending": baseline_rss, "processing": baseline_rss, "worker": worker_before,
+                 "worker_anon": worker_anon_before}  # fmt: skip
         done = threading.Event()
 
         def sample() -> None:
             while not done.is_set():
-                peaks[phase["now"]] = max(peaks[phase["now"]], _rss(pid)[0])
+                if phase["now"] != "worker":
+                    peaks[phase["now"]] = max(peaks[phase["now"]], _rss(pid)[0])
+                rss, anon = _max_rss(worker_pids)
+                peaks["worker"] = max(peaks["worker"], rss)
+                peaks["worker_anon"] = max(peaks["worker_anon"], anon)
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -139,13 +182,22 @@ def bench_upload(stack: Any, token: str, megabytes: int) -> dict[str, Any]:
         def on_sent() -> None:
             phase["now"] = "processing"
 
-        status, sent_s, total_s = _upload_streaming(stack, token, path, on_sent)
+        status, sent_s, total_s, body = _upload_streaming(stack, token, path, on_sent)
+        phase["now"] = "worker"
+        answered = time.monotonic()
+        final = body
+        while final.get("status") == "inspecting" and time.monotonic() - answered < 900:
+            time.sleep(0.2)
+            final = api.get(f"/api/datasets/{body['id']}/")
+        settled_s = time.monotonic() - answered
         done.set()
         sampler.join()
         _, hwm = _rss(pid)
     return {
         "file_mib": size / 2**20,
         "http_status": status,
+        "final_status": final.get("status"),
+        "num_samples": final.get("num_samples"),
         "send_s": sent_s,
         "total_s": total_s,
         "upload_mib_per_s": size / 2**20 / sent_s,
@@ -154,6 +206,11 @@ def bench_upload(stack: Any, token: str, megabytes: int) -> dict[str, Any]:
         "web_peak_rss_while_inspecting_mib": peaks["processing"] / 2**20,
         "web_vmhwm_before_mib": baseline_hwm / 2**20,
         "web_vmhwm_after_mib": hwm / 2**20,
+        "worker_inspect_s": settled_s if status == 202 else 0.0,
+        "worker_rss_before_mib": worker_before / 2**20,
+        "worker_peak_rss_while_inspecting_mib": peaks["worker"] / 2**20 if status == 202 else None,
+        "worker_anon_before_mib": worker_anon_before / 2**20,
+        "worker_peak_anon_while_inspecting_mib": peaks["worker_anon"] / 2**20 if status == 202 else None,
     }
 
 
@@ -167,6 +224,8 @@ def main() -> None:
         tmp_dir = Path(tmp)
         # Production's checkpoint period (the test stack's 2 s would make the sink flush early more often).
         env = {"KD_MAX_UPLOAD_MB": str(upload_mib + 64), "KD_CHECKPOINT_EVERY_S": "30"}
+        if os.environ.get("KD_BENCH_SYNC_INSPECT") == "1":
+            env["KD_SYNC_INSPECT_MAX_BYTES"] = str((upload_mib + 64) * 2**20)
         with start_stack(tmp_dir, extra_env=env) as stack:
             api = Api(stack.url, stack.make_user("bench", "bench-password-123"))
             dataset_id = api.upload(
@@ -183,7 +242,7 @@ def main() -> None:
                 time.sleep(0.5)
             stream = {**small, "epochs": 300, "log_every": 10}  # a few seconds of training
             _, latencies = asyncio.run(_first_metric_and_latencies(stack, api, stream, True))
-            upload = bench_upload(stack, api.token, upload_mib) if upload_mib > 0 else {}
+            upload = bench_upload(stack, api, upload_mib) if upload_mib > 0 else {}
 
     rows = [
         ["submit -> first metric on WS (s)", statistics.median(firsts), min(firsts), max(firsts), len(firsts)],

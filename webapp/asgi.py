@@ -10,8 +10,11 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from webapp.daphne_tweaks import stop_twisted_form_parsing  # noqa: E402
 from webapp.studio.auth import WebSocketAuthStack, websocket_origin_validator  # noqa: E402
 from webapp.studio.routing import websocket_urlpatterns  # noqa: E402
+
+stop_twisted_form_parsing()  # else daphne's Twisted parses every multipart upload in memory first
 
 application = ProtocolTypeRouter(
     {

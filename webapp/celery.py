@@ -27,4 +27,12 @@ app.conf.update(
     task_serializer="json",
     accept_content=["json"],
     broker_connection_retry_on_startup=True,
+    # Celery beat (embedded `-B` in `make run`'s worker, the `beat` service in docker-compose.yml).
+    beat_schedule={
+        "cleanup": {
+            "task": "workers.cleanup",
+            "schedule": float(os.environ.get("KD_CLEANUP_EVERY_S", "3600")),
+            "options": {"queue": "default"},
+        },
+    },
 )

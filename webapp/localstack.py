@@ -26,6 +26,9 @@ BIN = Path(sys.executable).parent
 WORKER_CMD = ["celery", "-A", "webapp", "worker", "-Q", "gpu,default", "--pool", "prefork", "--concurrency", "1",
               "-n", "local@%h", "--loglevel", "INFO"]  # fmt: skip
 WEB_CMD = ["daphne", "-b", "127.0.0.1", "-p", "{port}", "webapp.asgi:application"]
+# The single local worker also runs Celery beat (webapp/celery.py's beat_schedule: housekeeping);
+# docker-compose.yml runs beat as its own service instead.
+BEAT_ARGS = ["-B", "-s", "{state}/celerybeat-schedule"]
 
 DEMO_USER = "demo"
 DEMO_DATASET = "digits (demo)"
@@ -167,7 +170,8 @@ class LocalStack:
         if self.env.get("KD_ENV") == "production":
             _manage(self.env, "collectstatic", "--noinput", "-v", "0")
         self.username, self.password = ensure_demo_content(self.state_dir)
-        self.spawn("worker", WORKER_CMD)
+        beat = [a.replace("{state}", str(self.state_dir)) for a in BEAT_ARGS]
+        self.spawn("worker", WORKER_CMD + beat)
         self.spawn("web", [a.replace("{port}", str(self.port)) for a in WEB_CMD])
 
     def wait_healthy(self, timeout: float = 120) -> None:

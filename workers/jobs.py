@@ -10,6 +10,7 @@ Torch (and with it CUDA) is imported inside `run` only: the Celery parent proces
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import os
@@ -339,14 +340,58 @@ def requeue_orphans(hostname: str) -> list[int]:
     return requeued
 
 
+def inspect_upload(dataset_id: int) -> str:
+    """Inspect an "inspecting" dataset row's file with kd_core and record the answer or the reason."""
+    from kd_core.data import inspect_dataset
+    from kd_core.errors import DatasetError
+    from webapp.studio import services
+    from webapp.studio.models import Dataset
+    from webapp.studio.storage import local_path
+
+    dataset = Dataset.objects.filter(pk=dataset_id, status=Dataset.INSPECTING).first()
+    if dataset is None:
+        return "gone"  # deleted meanwhile, or already settled
+    file_name = dataset.file.name
+    shown = PurePath(file_name).name
+    try:
+        with local_path(dataset.file) as path:
+            inspection = inspect_dataset(str(path), options=dataset.options or {})
+    except DatasetError as exc:
+        services.fail_inspection(dataset_id, file_name, f"{shown}: {exc}")
+        return "failed"
+    except Exception as exc:  # noqa: BLE001 - the row must settle whatever went wrong
+        log.exception("inspecting dataset %s failed", dataset_id)
+        services.fail_inspection(dataset_id, file_name, f"{shown}: inspection failed ({type(exc).__name__})")
+        return "failed"
+    return "ready" if services.finish_inspection(dataset_id, inspection) else "gone"
+
+
+# A row still "inspecting" after this long lost its worker (the task is acknowledged on receipt).
+STALE_INSPECTION_S = 3600.0
+
+
+def fail_stale_inspections(max_age_s: float = STALE_INSPECTION_S) -> int:
+    """Fail dataset rows left inspecting longer than `max_age_s` and delete their files."""
+    from webapp.studio import services
+    from webapp.studio.models import Dataset
+
+    cutoff = timezone.now() - datetime.timedelta(seconds=max_age_s)
+    stale = Dataset.objects.filter(status=Dataset.INSPECTING, created__lt=cutoff).values_list("pk", "file")
+    reason = "inspection did not finish (the worker stopped); upload the file again"
+    return sum(services.fail_inspection(pk, name, reason) for pk, name in stale)
+
+
 def cleanup(max_age_s: float = 24 * 3600) -> int:
-    """Remove job folders of finished or deleted experiments left longer than `max_age_s`; returns the count."""
+    """Remove job folders of finished or deleted experiments left longer than `max_age_s`; returns the count.
+
+    Also fails dataset rows left inspecting (their worker died) and counts them.
+    """
     from webapp.studio.models import Experiment
 
+    removed = fail_stale_inspections()
     root = state_dir() / "jobs"
     if not root.is_dir():
-        return 0
-    removed = 0
+        return removed
     cutoff = time.time() - max_age_s
     for folder in root.iterdir():
         if not folder.is_dir() or not folder.name.isdigit() or folder.stat().st_mtime > cutoff:

@@ -34,6 +34,18 @@ def run_codistill_group(self, experiment_id: int, group: int) -> str:
     return codistill.run_group(int(experiment_id), int(group), hostname=self.request.hostname or "")
 
 
+@shared_task(name="workers.inspect_upload", ignore_result=True, acks_late=False)
+def inspect_upload(dataset_id: int) -> str:
+    """Inspect a large uploaded dataset; the row becomes "ready" or "failed" (see workers/jobs.py).
+
+    Acknowledged on receipt: a file that kills its worker (out of memory) must not be redelivered
+    forever; `cleanup` fails rows left inspecting.
+    """
+    from workers import jobs
+
+    return jobs.inspect_upload(int(dataset_id))
+
+
 @shared_task(name="workers.cleanup", ignore_result=True)
 def cleanup(max_age_hours: float = 24.0) -> int:
     """Remove state folders of finished experiments and stale temp downloads; returns how many went."""

@@ -46,6 +46,15 @@ def load_dataset(
         raise DatasetError("the dataset does not fit in memory") from exc
 
 
+def source_format(source: Any, opts: dict[str, Any]) -> str | None:
+    """'npz', 'csv' or 'zip' for an existing file _read would load with that reader; else None."""
+    if not isinstance(source, str | Path) or (isinstance(source, str) and source in BUILTIN_DATASETS):
+        return None
+    path = Path(source)
+    fmt = opts.get("format") or path.suffix.lower().lstrip(".")
+    return fmt if fmt in _LOADERS and path.is_file() else None
+
+
 def _read(source: str | Path, opts: dict[str, Any]) -> RawData:
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return load_builtin(source, opts)

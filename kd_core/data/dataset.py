@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -124,23 +125,33 @@ class Dataset:
 def check_x(x: Any, key: str, *, allow_empty: bool = False) -> np.ndarray:
     """Numeric, finite, at least 2-D samples as float32; errors name the array and the sample."""
     x = np.asarray(x)
-    if x.dtype.kind not in "biuf":
-        raise DatasetError(f"'{key}' must hold numbers, but its type is {x.dtype}")
-    if x.ndim < 2:
+    check_x_layout(x.shape, x.dtype, key, allow_empty=allow_empty)
+    x = x.astype(np.float32, copy=False)
+    check_finite(x, key)
+    return x
+
+
+def check_x_layout(shape: tuple[int, ...], dtype: np.dtype, key: str, *, allow_empty: bool = False) -> None:
+    """check_x's checks that need only the header: type, rank, emptiness and size."""
+    if dtype.kind not in "biuf":
+        raise DatasetError(f"'{key}' must hold numbers, but its type is {dtype}")
+    if len(shape) < 2:
         raise DatasetError(
-            f"'{key}' must have shape (samples, features...), got shape {tuple(x.shape)}; "
+            f"'{key}' must have shape (samples, features...), got shape {tuple(shape)}; "
             "reshape a single feature to (N, 1)"
         )
-    if len(x) == 0 and not allow_empty:
+    if shape[0] == 0 and not allow_empty:
         raise DatasetError(f"'{key}' has no samples")
-    if math.prod(x.shape) * 4 > MAX_ARRAY_BYTES:
+    if math.prod(shape) * 4 > MAX_ARRAY_BYTES:
         raise DatasetError(f"'{key}' is too large: at most {MAX_ARRAY_BYTES // 1024**2} MiB as float32")
-    x = x.astype(np.float32, copy=False)
+
+
+def check_finite(x: np.ndarray, key: str, offset: int = 0) -> None:
+    """Refuse NaN/inf in float32 samples `x`, which start at sample `offset` of array `key`."""
     finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
     if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
+        bad = offset + int(np.flatnonzero(~finite)[0])
         raise DatasetError(f"'{key}' contains NaN or infinite values (first in sample {bad})")
-    return x
 
 
 def check_labels(y: Any, key: str, n: int) -> np.ndarray:
@@ -368,13 +379,28 @@ def compute_fingerprint(
     options: dict[str, Any],
 ) -> str:
     """sha256 of the split arrays and what shaped them: equal fingerprints mean equal data."""
+    streams = {
+        name: (x.dtype.str, x.shape, iter([np.ascontiguousarray(x).data]), y)
+        for name, (x, y) in splits.items()
+    }
+    return stream_fingerprint(fmt, streams, class_names, options)
+
+
+def stream_fingerprint(
+    fmt: str,
+    splits: dict[str, tuple[str, tuple[int, ...], Iterator[Any], np.ndarray | None]],
+    class_names: list[str],
+    options: dict[str, Any],
+) -> str:
+    """compute_fingerprint with each split's x given as (dtype str, shape, C-order byte chunks, y)."""
     h = hashlib.sha256(b"kd-studio-data-v1\0")
     meta = {"format": fmt, "class_names": class_names, "options": options}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     for name in SPLITS:
-        x, y = splits[name]
-        h.update(f"\0{name}:{x.dtype.str}:{x.shape}".encode())
-        h.update(np.ascontiguousarray(x).data)
+        dtype, shape, chunks, y = splits[name]
+        h.update(f"\0{name}:{dtype}:{tuple(shape)}".encode())
+        for chunk in chunks:
+            h.update(chunk)
         if y is None:
             h.update(b"\0no-labels")
         else:

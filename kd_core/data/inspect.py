@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from kd_core.data.dataset import Dataset
+from kd_core.errors import DatasetError
 
 MAX_PREVIEW_IMAGES = 16
 MAX_PREVIEW_ROWS = 10
@@ -18,10 +19,28 @@ PREVIEW_SIDE = 96
 
 
 def inspect_dataset(path_or_name: str | Path, *, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load (with the default splits) and summarise; raises DatasetError with a user-facing reason."""
-    from kd_core.data import load_dataset
+    """Load (with the default splits) and summarise; raises DatasetError with a user-facing reason.
 
-    return describe_dataset(load_dataset(path_or_name, options=options))
+    An uploaded file is not loaded whole (kd_core/data/lean.py): NPZ x arrays are checked and hashed
+    from the file in bounded chunks; CSV rows and decoded ZIP images go through a temporary file.
+    Same answer and errors as describing load_dataset's result, with little memory.
+    """
+    from kd_core.data import load_dataset, source_format
+    from kd_core.data.lean import open_csv_dataset, open_npz_dataset, open_zip_dataset
+    from kd_core.data.options import check_options
+
+    opts = check_options(options)
+    fmt = source_format(path_or_name, opts)
+    if fmt is not None:
+        path = Path(path_or_name)
+        opener = {"npz": lambda: open_npz_dataset(path), "csv": lambda: open_csv_dataset(path, opts),
+                  "zip": lambda: open_zip_dataset(path, opts)}[fmt]  # fmt: skip
+        try:
+            with opener() as ds:
+                return describe_dataset(ds)
+        except MemoryError as exc:
+            raise DatasetError("the dataset does not fit in memory") from exc
+    return describe_dataset(load_dataset(path_or_name, options=opts))
 
 
 def describe_dataset(ds: Dataset) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import zipfile
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ NPZ_KEYS = ("x", "y", "x_val", "y_val", "x_test", "y_test", "class_names")
 
 def load_npz(path: Path, options: dict[str, Any]) -> RawData:
     """x, y and optional x_val/y_val, x_test/y_test, class_names; sizes checked before loading."""
-    _check_npz_headers(path)
+    check_npz_headers(path)
     arrays: dict[str, np.ndarray] = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -41,31 +43,9 @@ def load_npz(path: Path, options: dict[str, Any]) -> RawData:
             f"the NPZ file has no array 'x' (it has: {', '.join(sorted(arrays) + ignored) or 'none'})"
         )
     x = arrays["x"]
-    warnings = []
-    if x.ndim == 4 and x.shape[1] not in (1, 2, 3, 4) and x.shape[3] in (1, 3, 4):
-        raise DatasetError(
-            f"'x' has shape {x.shape}, which looks channels-last (N, H, W, C); "
-            "save images channels-first (N, C, H, W), e.g. np.transpose(x, (0, 3, 1, 2))"
-        )
-    if x.ndim == 3:
-        warnings.append(
-            f"'x' has shape {x.shape}: treated as feature arrays; save images as (N, 1, H, W) for image models"
-        )
+    warnings = npz_x_notes(x)
     y = arrays.get("y")
-    for key in ("y", "y_val", "y_test"):
-        if key in arrays and arrays[key].dtype.kind in "USO":
-            raise DatasetError(
-                f"'{key}' holds strings; store integer labels and put the names in a 'class_names' array"
-            )
-    class_names = None
-    if "class_names" in arrays:
-        names = arrays["class_names"]
-        if names.ndim != 1 or names.dtype.kind not in "US":
-            raise DatasetError("'class_names' must be a 1-D array of strings")
-        try:
-            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
-        except UnicodeDecodeError as exc:
-            raise DatasetError("'class_names' is not valid UTF-8 text") from exc
+    class_names = npz_class_names(arrays)
     info: dict[str, Any] = {}
     if ignored:
         info["ignored_arrays"] = ignored
@@ -86,7 +66,40 @@ def load_npz(path: Path, options: dict[str, Any]) -> RawData:
     )
 
 
-def _check_npz_headers(path: Path) -> None:
+def npz_x_notes(x: np.ndarray) -> list[str]:
+    """Refuse channels-last images; warn about 3-D arrays (shared with the lean inspection)."""
+    warnings = []
+    if x.ndim == 4 and x.shape[1] not in (1, 2, 3, 4) and x.shape[3] in (1, 3, 4):
+        raise DatasetError(
+            f"'x' has shape {x.shape}, which looks channels-last (N, H, W, C); "
+            "save images channels-first (N, C, H, W), e.g. np.transpose(x, (0, 3, 1, 2))"
+        )
+    if x.ndim == 3:
+        warnings.append(
+            f"'x' has shape {x.shape}: treated as feature arrays; save images as (N, 1, H, W) for image models"
+        )
+    return warnings
+
+
+def npz_class_names(arrays: dict[str, np.ndarray]) -> list[str] | None:
+    """Refuse string labels; the optional 'class_names' array as Python strings."""
+    for key in ("y", "y_val", "y_test"):
+        if key in arrays and arrays[key].dtype.kind in "USO":
+            raise DatasetError(
+                f"'{key}' holds strings; store integer labels and put the names in a 'class_names' array"
+            )
+    if "class_names" not in arrays:
+        return None
+    names = arrays["class_names"]
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise DatasetError("'class_names' must be a 1-D array of strings")
+    try:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    except UnicodeDecodeError as exc:
+        raise DatasetError("'class_names' is not valid UTF-8 text") from exc
+
+
+def check_npz_headers(path: Path) -> None:
     """Read every member's .npy header: refuse object arrays and oversized shapes before allocating."""
     if not zipfile.is_zipfile(path):
         raise DatasetError(
@@ -132,6 +145,41 @@ def _check_npz_headers(path: Path) -> None:
 
 def load_csv(path: Path, options: dict[str, Any]) -> RawData:
     """Numeric feature columns plus an optional label column (integers or class-name strings)."""
+    with open_csv(path, options) as (header, label_idx, feat_idx, rows):
+        values = array("d")
+        labels: list[str] = []
+        lines: list[int] = []
+        for line, row_values, label in rows:
+            values.extend(row_values)
+            if label is not None:
+                labels.append(label)
+            lines.append(line)
+        if not lines:
+            raise DatasetError("the CSV file has a header but no data rows")
+        x = np.frombuffer(values, dtype=np.float64).reshape(len(lines), len(feat_idx))
+        bad = ~np.isfinite(x)
+        if bad.any():
+            r, c = (int(v) for v in np.argwhere(bad)[0])
+            raise DatasetError(csv_nonfinite_message(header[feat_idx[c]], x[r, c], r, lines[r]))
+        y, class_names = csv_labels(labels, lines) if label_idx is not None else (None, None)
+    return RawData(
+        name=path.stem,
+        format="csv",
+        x=x.astype(np.float32),
+        y=y,
+        class_names=class_names,
+        fingerprint_options=csv_fingerprint_options(header, label_idx),
+        info=csv_info(header, label_idx, feat_idx),
+    )
+
+
+@contextlib.contextmanager
+def open_csv(path: Path, options: dict[str, Any]):
+    """(header, label index or None, feature indices, iterator of (line, feature values, label)).
+
+    Rows are checked as they are read (field count, numbers, labels, the size cap); the caller keeps
+    what it needs. Errors are DatasetErrors with the row and line.
+    """
     explicit = "label_column" in options
     label_column = options.get("label_column", "label")
     if not isinstance(label_column, str) or not label_column:
@@ -140,14 +188,17 @@ def load_csv(path: Path, options: dict[str, Any]) -> RawData:
         raise DatasetError(f"the CSV file is larger than {MAX_CSV_BYTES // 1024**2} MiB")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            return _parse_csv(f, path.stem, label_column, explicit)
+            reader, header, label_idx, feat_idx = _csv_header(f, label_column, explicit)
+            yield header, label_idx, feat_idx, _csv_rows(reader, header, label_idx, feat_idx)
     except UnicodeDecodeError as exc:
         raise DatasetError("the CSV file is not UTF-8 text") from exc
     except csv.Error as exc:
         raise DatasetError(f"the CSV file is malformed: {exc}") from exc
 
 
-def _parse_csv(f: io.TextIOBase, name: str, label_column: str, explicit: bool) -> RawData:
+def _csv_header(
+    f: io.TextIOBase, label_column: str, explicit: bool
+) -> tuple[Any, list[str], int | None, list[int]]:
     sample = f.read(65536)
     f.seek(0)
     try:
@@ -176,10 +227,13 @@ def _parse_csv(f: io.TextIOBase, name: str, label_column: str, explicit: bool) -
     feat_idx = [i for i in range(len(header)) if i != label_idx]
     if not feat_idx:
         raise DatasetError("the CSV file has no feature columns besides the label")
+    return reader, header, label_idx, feat_idx
 
-    values = array("d")
-    labels: list[str] = []
-    lines: list[int] = []
+
+def _csv_rows(
+    reader: Any, header: list[str], label_idx: int | None, feat_idx: list[int]
+) -> Iterator[tuple[int, list[float], str | None]]:
+    n = 0
     for row in reader:
         line = reader.line_num
         if not row or (len(row) == 1 and not row[0].strip()):
@@ -189,48 +243,42 @@ def _parse_csv(f: io.TextIOBase, name: str, label_column: str, explicit: bool) -
                 f"line {line} of the CSV file has {len(row)} fields but the header has {len(header)}"
             )
         try:
-            values.extend(float(row[i]) for i in feat_idx)
+            row_values = [float(row[i]) for i in feat_idx]
         except ValueError:
             for i in feat_idx:
                 if not _is_number(row[i]):
                     raise DatasetError(
-                        f"column '{header[i]}' is not numeric: row {len(lines) + 1} (line {line}) "
+                        f"column '{header[i]}' is not numeric: row {n + 1} (line {line}) "
                         f"holds {row[i][:40]!r}"
                     ) from None
             raise DatasetError(f"line {line} of the CSV file could not be read as numbers") from None
+        label = None
         if label_idx is not None:
             label = row[label_idx].strip()
             if not label:
-                raise DatasetError(
-                    f"row {len(lines) + 1} (line {line}) has an empty '{header[label_idx]}' label"
-                )
-            labels.append(label)
-        lines.append(line)
-        if len(values) * 4 > limits.MAX_ARRAY_BYTES:
+                raise DatasetError(f"row {n + 1} (line {line}) has an empty '{header[label_idx]}' label")
+        n += 1
+        if n * len(feat_idx) * 4 > limits.MAX_ARRAY_BYTES:
             raise DatasetError(f"the CSV data would take more than {limits.MAX_ARRAY_BYTES // 1024**2} MiB")
-    if not lines:
-        raise DatasetError("the CSV file has a header but no data rows")
-    x = np.frombuffer(values, dtype=np.float64).reshape(len(lines), len(feat_idx))
-    bad = ~np.isfinite(x)
-    if bad.any():
-        r, c = (int(v) for v in np.argwhere(bad)[0])
-        raise DatasetError(
-            f"column '{header[feat_idx[c]]}' holds {x[r, c]} at row {r + 1} (line {lines[r]}); "
-            "missing or infinite values are not allowed"
-        )
-    y, class_names = _csv_labels(labels, lines) if label_idx is not None else (None, None)
+        yield line, row_values, label
+
+
+def csv_nonfinite_message(column: str, value: float, row: int, line: int) -> str:
+    return (
+        f"column '{column}' holds {value} at row {row + 1} (line {line}); "
+        "missing or infinite values are not allowed"
+    )
+
+
+def csv_fingerprint_options(header: list[str], label_idx: int | None) -> dict[str, Any]:
+    return {"label_column": header[label_idx] if label_idx is not None else None}
+
+
+def csv_info(header: list[str], label_idx: int | None, feat_idx: list[int]) -> dict[str, Any]:
     info: dict[str, Any] = {"feature_names": [header[i] for i in feat_idx]}
     if label_idx is not None:
         info["label_column"] = header[label_idx]
-    return RawData(
-        name=name,
-        format="csv",
-        x=x.astype(np.float32),
-        y=y,
-        class_names=class_names,
-        fingerprint_options={"label_column": header[label_idx] if label_idx is not None else None},
-        info=info,
-    )
+    return info
 
 
 def _find_column(header: list[str], name: str) -> int | None:
@@ -248,7 +296,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _csv_labels(labels: list[str], lines: list[int]) -> tuple[np.ndarray, list[str] | None]:
+def csv_labels(labels: list[str], lines: list[int]) -> tuple[np.ndarray, list[str] | None]:
     """Integer labels index the classes; any non-numeric label makes them all class names (sorted)."""
     if all(_is_number(v) for v in labels):
         nums = np.array([float(v) for v in labels])

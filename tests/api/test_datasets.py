@@ -1,5 +1,6 @@
 """POST/GET/DELETE /api/datasets/: real uploads inspected by kd_core, errors that say what is wrong."""
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,98 @@ def test_delete_refused_while_an_experiment_uses_it(owner, make_experiment, owne
     experiment.status = Experiment.SUCCEEDED
     experiment.save()
     assert owner_client.delete(f"/api/datasets/{experiment.dataset_id}/").status_code == 204
+
+
+# --- large uploads: inspected by a worker task, not in the request ------------------------------
+
+
+def _inspection_messages(broker_redis) -> list[dict]:
+    import base64
+    import json
+
+    found = []
+    for raw in broker_redis.lrange("default", 0, -1):
+        message = json.loads(raw)
+        if message["headers"]["task"] == "workers.inspect_upload":
+            found.append({"args": json.loads(base64.b64decode(message["body"]))[0]})
+    return found
+
+
+def test_large_upload_is_202_inspecting_then_ready_by_the_worker_task(
+    owner_client, settings, broker_redis, django_capture_on_commit_callbacks
+):
+    from workers import jobs
+
+    settings.KD_SYNC_INSPECT_MAX_BYTES = 100
+    if broker_redis is not None:
+        broker_redis.delete("default")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = owner_client.post("/api/datasets/", {"file": upload("big.npz", npz_bytes(n=60))})
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert body["status"] == "inspecting" and body["error"] is None
+    assert body["num_samples"] is None and body["num_classes"] is None and body["input_shape"] is None
+    assert body["size"] > 100
+    if broker_redis is not None:
+        assert _inspection_messages(broker_redis) == [{"args": [body["id"]]}]
+
+    # A dataset still inspecting cannot be trained on.
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = owner_client.post(
+            "/api/experiments/",
+            {"kind": "train", "dataset": body["id"], "model": {"arch": "mlp", "hidden": [8]}},
+            content_type="application/json",
+        )
+    assert refused.status_code == 400 and "inspected" in refused.json()["error"]
+
+    assert jobs.inspect_upload(body["id"]) == "ready"  # what the worker task runs
+    shown = owner_client.get(f"/api/datasets/{body['id']}/").json()
+    assert shown["status"] == "ready" and shown["error"] is None
+    assert shown["num_samples"] == 60 and shown["num_classes"] == 3 and shown["splits"]["train"] > 0
+    assert jobs.inspect_upload(body["id"]) == "gone"  # a redelivered message changes nothing
+
+
+def test_large_bad_upload_fails_with_the_reason_and_its_file_deleted(owner_client, settings):
+    import io
+
+    import numpy as np
+
+    from workers import jobs
+
+    settings.KD_SYNC_INSPECT_MAX_BYTES = 100
+    buffer = io.BytesIO()
+    x = np.ones((60, 4), dtype=np.float32)
+    x[7, 2] = np.nan
+    np.savez(buffer, x=x, y=np.arange(60) % 3)
+    response = owner_client.post("/api/datasets/", {"file": upload("nan.npz", buffer.getvalue())})
+    assert response.status_code == 202, response.content
+    assert len(stored_files()) == 1
+    assert jobs.inspect_upload(response.json()["id"]) == "failed"
+    shown = owner_client.get(f"/api/datasets/{response.json()['id']}/").json()
+    assert shown["status"] == "failed"
+    assert shown["error"].startswith("nan.npz: ") and "NaN" in shown["error"] and "sample 7" in shown["error"]
+    assert stored_files() == []
+
+
+def test_small_upload_stays_synchronous_under_the_threshold(owner_client, settings):
+    settings.KD_SYNC_INSPECT_MAX_BYTES = 10**9
+    response = owner_client.post("/api/datasets/", {"file": upload("small.npz", npz_bytes(n=60))})
+    assert response.status_code == 201 and response.json()["status"] == "ready"
+
+
+def test_stale_inspection_is_failed_by_cleanup(owner_client, settings):
+    from django.utils import timezone
+
+    from workers import jobs
+
+    settings.KD_SYNC_INSPECT_MAX_BYTES = 100
+    response = owner_client.post("/api/datasets/", {"file": upload("lost.npz", npz_bytes(n=60))})
+    assert response.status_code == 202
+    assert jobs.fail_stale_inspections() == 0  # fresh: its worker may still be reading it
+    Dataset.objects.filter(pk=response.json()["id"]).update(
+        created=timezone.now() - datetime.timedelta(hours=2)
+    )
+    assert jobs.cleanup() >= 1
+    row = Dataset.objects.get(pk=response.json()["id"])
+    assert row.status == "failed" and "did not finish" in row.error
+    assert stored_files() == []

@@ -77,3 +77,20 @@ def test_dockerignore_keeps_local_state_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", "var", "node_modules", ".git"} <= ignored
     assert Path(ROOT / "Dockerfile").exists()
+
+
+def test_beat_schedules_housekeeping_once(compose: dict) -> None:
+    from webapp.celery import app
+
+    services = compose["services"]
+    beat = services["beat"]["command"]
+    assert beat[:4] == ["celery", "-A", "webapp", "beat"]
+    assert services["beat"]["environment"] == services["worker-cpu"]["environment"]
+    # Exactly one scheduler: no worker embeds beat in compose; `make run`'s single worker does.
+    for name, service in services.items():
+        if name.startswith("worker"):
+            assert "-B" not in service["command"] and "--beat" not in service["command"], name
+    assert localstack.BEAT_ARGS[0] == "-B"
+    entry = app.conf.beat_schedule["cleanup"]
+    assert entry["task"] == "workers.cleanup" and entry["options"]["queue"] == "default"
+    assert services["worker-cpu"]["command"][services["worker-cpu"]["command"].index("-Q") + 1] == "default"

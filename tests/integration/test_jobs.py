@@ -52,7 +52,8 @@ def test_distill_streams_live_metrics_and_downloads_match(
     submitted = time.time()
     experiment_id = api.post("/api/experiments/", config)["id"]
     wait_for_metrics(api, experiment_id)
-    history, messages, _ = follow(live_stack.ws_url, api, experiment_id)
+    history, messages, reconnects = follow(live_stack.ws_url, api, experiment_id)
+    assert reconnects == 0, "the live socket dropped and the client had to reconnect"
     exp = wait_for(api, experiment_id)
     assert exp["status"] == "succeeded", exp
     assert exp["error"] == ""

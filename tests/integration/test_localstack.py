@@ -94,6 +94,12 @@ def test_make_run_starts_demo_and_stops_everything(tmp_path: Path) -> None:
         experiments = api.get("/api/experiments/")["experiments"]
         assert [e["name"] for e in experiments] == ["digits teacher (demo)"]
         assert experiments[0]["status"] in ("queued", "running", "succeeded")
+        # The single worker embeds Celery beat, which schedules workers.cleanup.
+        worker_log = state / "logs" / "worker.log"
+        deadline = time.monotonic() + 20
+        while "beat: Starting" not in worker_log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "beat: Starting" in worker_log.read_text(errors="replace")
     finally:
         started = _stop(proc, state) if proc.poll() is None else set()
     assert started, "no child processes were seen"

@@ -42,6 +42,7 @@ def dataset_json(d: Dataset, detail: bool = False) -> dict[str, Any]:
         "name": d.name,
         "format": d.format,
         "status": d.status,
+        "error": d.error or None,
         "num_samples": info.get("num_samples"),
         "num_classes": info.get("num_classes"),
         "input_shape": info.get("input_shape"),
@@ -193,7 +194,9 @@ def datasets(request: HttpRequest) -> HttpResponse:
             raise ApiError(f"'image_size' must be a positive integer; got {image_size!r}")
         options["image_size"] = int(image_size)
     dataset = services.create_dataset(request.user, upload, request.POST.get("name"), options)
-    return JsonResponse(dataset_json(dataset, detail=True), status=201)
+    # 202: a large file is inspected by a worker; GET shows the row "ready" or "failed" later.
+    status = 202 if dataset.status == Dataset.INSPECTING else 201
+    return JsonResponse(dataset_json(dataset, detail=True), status=status)
 
 
 @api_view(["GET", "DELETE"])
@@ -232,6 +235,10 @@ def checkpoints(request: HttpRequest) -> HttpResponse:
         dataset = Dataset.objects.filter(owner=request.user, pk=int(raw_dataset)).first()
         if dataset is None:
             raise ApiError(f"dataset {raw_dataset} not found among your datasets")
+        if dataset.status != Dataset.READY:
+            raise ApiError(
+                f"dataset {raw_dataset} is not ready ({dataset.status}); its shape is not known yet"
+            )
     checkpoint = services.create_checkpoint(request.user, upload, request.POST.get("name"), arch, dataset)
     return JsonResponse(checkpoint_json(checkpoint), status=201)
 

@@ -39,7 +39,9 @@ class Dataset(models.Model):
         ("zip", "ZIP of class folders"),
         ("builtin", "built-in"),
     ]
-    STATUSES = [("ready", "ready"), ("failed", "failed")]
+    INSPECTING, READY, FAILED = "inspecting", "ready", "failed"
+    # Large uploads are "inspecting" until a worker has read them (workers.inspect_upload).
+    STATUSES = [("inspecting", "inspecting"), ("ready", "ready"), ("failed", "failed")]
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
     name = models.CharField(max_length=200)
@@ -51,6 +53,8 @@ class Dataset(models.Model):
     # kd_core.data.inspect_dataset's answer: format, num_samples, num_classes, input_shape,
     # class_names, class_counts, empty_classes, splits, labeled, is_image, preview.
     inspection = models.JSONField(default=dict, blank=True)
+    # Why inspection failed (status "failed"); the file is then deleted.
+    error = models.TextField(blank=True, default="")
     # Loader options the user gave with the upload, e.g. {"label_column": "label"} for CSV.
     options = models.JSONField(default=dict, blank=True)
     created = models.DateTimeField(default=timezone.now)

@@ -14,6 +14,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.utils import timezone
@@ -21,6 +22,7 @@ from django.utils import timezone
 from kd_core.config import parse_config, validate_model_spec
 from kd_core.errors import CheckpointError, ConfigError, DatasetError
 from webapp.celery import app as celery_app
+from webapp.env import env_int
 from webapp.studio.auth import ApiError
 from webapp.studio.models import Checkpoint, Dataset, Experiment
 from webapp.studio.storage import delete_quietly, local_path, save_local_file
@@ -62,18 +64,40 @@ def _name(value: Any, fallback: str) -> str:
 # --- datasets ---------------------------------------------------------------------------------
 
 
+# Uploads larger than this are inspected by a worker (`workers.inspect_upload`), not in the request:
+# reading a big file would hold a web process for minutes and its memory for the file's size.
+DEFAULT_SYNC_INSPECT_MAX_BYTES = 64 * 1024 * 1024
+
+
+def sync_inspect_max_bytes() -> int:
+    """settings.KD_SYNC_INSPECT_MAX_BYTES, else the environment variable of that name, else 64 MiB."""
+    value = getattr(settings, "KD_SYNC_INSPECT_MAX_BYTES", None)
+    if value is None:
+        value = env_int("KD_SYNC_INSPECT_MAX_BYTES", DEFAULT_SYNC_INSPECT_MAX_BYTES, minimum=0)
+    return int(value)
+
+
 def create_dataset(owner, upload: UploadedFile, name: str | None, options: dict[str, Any]) -> Dataset:
-    """Store an upload, inspect it with kd_core, and record it; on any failure nothing remains."""
+    """Store an upload, inspect it with kd_core, and record it; on any failure nothing remains.
+
+    A file above `sync_inspect_max_bytes()` is recorded as "inspecting" and inspected by a worker,
+    which makes the row "ready" or "failed" (the reason in `error`, the file deleted).
+    """
     from kd_core.data import inspect_dataset
 
     fmt = _extension(upload.name, DATASET_EXTENSIONS, "dataset")
     dataset = Dataset(owner=owner, name=_name(name, PurePath(upload.name).stem), format=fmt, options=options)
     dataset.file.save(upload.name, upload, save=False)  # streamed in chunks to storage
     try:
+        dataset.size = dataset.file.size
+        if dataset.size > sync_inspect_max_bytes():
+            dataset.status = Dataset.INSPECTING
+            dataset.save()
+            _enqueue_inspection(dataset.pk, dataset.file.name)
+            return dataset
         with local_path(dataset.file) as path:
             inspection = inspect_dataset(str(path), options=options)
         dataset.inspection = _jsonable(inspection)
-        dataset.size = dataset.file.size
         dataset.save()
     except DatasetError as exc:
         delete_quietly(dataset.file.name)
@@ -82,6 +106,43 @@ def create_dataset(owner, upload: UploadedFile, name: str | None, options: dict[
         delete_quietly(dataset.file.name)
         raise
     return dataset
+
+
+def _enqueue_inspection(dataset_id: int, file_name: str) -> None:
+    """Send `workers.inspect_upload` to queue `default` once the row is committed."""
+
+    def send() -> None:
+        try:
+            celery_app.send_task(
+                "workers.inspect_upload",
+                args=[dataset_id],
+                queue="default",
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:  # noqa: BLE001 - any broker failure means the same to the user
+            log.exception("could not enqueue the inspection of dataset %s", dataset_id)
+            fail_inspection(dataset_id, file_name, f"could not reach the job queue: {exc}")
+
+    transaction.on_commit(send)
+
+
+def finish_inspection(dataset_id: int, inspection: dict[str, Any]) -> bool:
+    """Record a worker's inspection; False when the row is gone or no longer inspecting."""
+    updated = Dataset.objects.filter(pk=dataset_id, status=Dataset.INSPECTING).update(
+        status=Dataset.READY, inspection=_jsonable(inspection), error=""
+    )
+    return bool(updated)
+
+
+def fail_inspection(dataset_id: int, file_name: str, reason: str) -> bool:
+    """Mark an inspecting row failed with `reason` and delete its file (nothing half-usable remains)."""
+    updated = Dataset.objects.filter(pk=dataset_id, status=Dataset.INSPECTING).update(
+        status=Dataset.FAILED, error=reason[:2000]
+    )
+    if updated:
+        delete_quietly(file_name)
+    return bool(updated)
 
 
 def builtin_dataset(owner, name: str) -> Dataset:
@@ -289,7 +350,9 @@ def _own_dataset(owner, ref: int | str) -> Dataset:
     dataset = Dataset.objects.filter(owner=owner, pk=ref).first()
     if dataset is None:
         raise ApiError(f"dataset {ref} not found among your datasets")
-    if dataset.status != "ready":
+    if dataset.status == Dataset.INSPECTING:
+        raise ApiError(f"dataset {ref} is still being inspected; use it once its status is ready")
+    if dataset.status != Dataset.READY:
         raise ApiError(f"dataset {ref} is not ready ({dataset.status})")
     return dataset
 

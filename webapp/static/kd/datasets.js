@@ -32,7 +32,10 @@ form.addEventListener("submit", async (ev) => {
   setP(0);
   try {
     const ds = await uploadWithProgress("/api/datasets/", fd, setP);
-    msg.replaceChildren(el("div", { class: "alert ok", text: `Dataset “${ds.name}” is ready.` }));
+    // A large file answers 202 "inspecting": a worker reads it, and the list polls until it settles.
+    msg.replaceChildren(ds.status === "inspecting"
+      ? el("div", { class: "alert note", id: "upload-inspecting", text: `Dataset “${ds.name}” is uploaded; a worker is inspecting it.` })
+      : el("div", { class: "alert ok", text: `Dataset “${ds.name}” is ready.` }));
     form.reset();
     nameInput.placeholder = "taken from the file name";
     labelField.classList.add("hidden");
@@ -99,6 +102,7 @@ async function show(id, known) {
   let ds = known;
   try { ds = await apiGet(`/api/datasets/${id}/`); } catch (e) { if (!ds) { showError(inspection, e.message); return; } }
   const parts = [el("h3", { text: ds.name })];
+  if (ds.status === "inspecting") parts.push(el("div", { class: "alert note", id: "ds-inspecting", text: "Inspecting this file in the background; this page updates when it is done." }));
   if (ds.error || ds.status === "failed" || ds.status === "refused") {
     parts.push(el("div", { class: "alert error", text: ds.error || "This dataset was refused." }));
   }
@@ -117,7 +121,10 @@ async function show(id, known) {
   if (rows) parts.push(el("h3", { text: "First rows", style: "margin-top:1rem" }), rows);
   inspection.replaceChildren(...parts);
   inspection.dataset.datasetId = ds.id;
+  inspection.dataset.status = ds.status ?? "ready";
 }
+
+let pollTimer = null;
 
 function stat(v, l) { return el("div", { class: "stat" }, el("div", { class: "v", text: v }), el("div", { class: "l", text: l })); }
 
@@ -128,13 +135,17 @@ async function loadList() {
     if (!list.length) { tbody.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No datasets yet. The built-in ones (digits, synthetic) need no upload." }))); return; }
     // Show the newest dataset's inspection until the user picks one.
     if (!inspection.dataset.datasetId) show(list[0].id, list[0]);
+    clearTimeout(pollTimer);
+    if (list.some((d) => d.status === "inspecting")) pollTimer = setTimeout(loadList, 2000);
+    const shown = list.find((d) => String(d.id) === inspection.dataset.datasetId);
+    if (shown && shown.status !== inspection.dataset.status) show(shown.id, shown);
     tbody.replaceChildren(...list.map((d) => el("tr", { "data-id": d.id },
       el("td", {}, el("a", { href: "#", text: d.name, onclick: (e) => { e.preventDefault(); show(d.id, d); } })),
       el("td", { text: d.format ?? "–" }), el("td", { class: "num", text: fmtCount(d.num_samples) }),
       el("td", { class: "num", text: d.num_classes ?? "–" }), el("td", { class: "mono", text: shape(d.input_shape) }),
-      el("td", {}, el("span", { class: `badge ${d.status === "ready" ? "succeeded" : d.status === "failed" ? "failed" : "queued"}`, text: d.status ?? "ready" })),
+      el("td", {}, el("span", { class: `badge ${d.status === "ready" ? "succeeded" : d.status === "failed" ? "failed" : d.status === "inspecting" ? "running" : "queued"}`, text: d.status ?? "ready" })),
       el("td", { class: "num" },
-        el("a", { class: "btn small secondary", href: `/experiments/new/?dataset=${d.id}`, text: "Use" }), " ",
+        (d.status ?? "ready") === "ready" ? el("a", { class: "btn small secondary", href: `/experiments/new/?dataset=${d.id}`, text: "Use" }) : null, " ",
         el("button", { class: "btn small danger", type: "button", text: "Delete", onclick: async () => {
           if (!confirm(`Delete dataset “${d.name}”?`)) return;
           try { await apiSend("DELETE", `/api/datasets/${d.id}/`); await loadList(); } catch (e) { alert(e.message); }
