@@ -246,6 +246,8 @@ def test_cancel_a_job_from_its_page(page, stack, token, world):
     page.wait_for_selector("#exp-status [data-status=cancelled]", timeout=60_000)
     assert wait_status(stack, token, created["id"], ("cancelled",))["status"] == "cancelled"
     assert page.is_hidden("#cancel-btn")
+    # The note says what became of the run and how to run it again.
+    assert "clone" in page.wait_for_selector("#cancelled-note").inner_text().lower()
     no_js_errors(page)
 
 
@@ -267,6 +269,16 @@ def test_sweep_then_compare(page, stack, token, world):
     page.reload()
     page.wait_for_function("Number(document.querySelector('#charts').dataset.points) > 0")
     assert page.locator("#final-table tbody tr").count() == 2
+    # Legends name the runs by what differs between them, not by their long names.
+    legend = page.inner_text(".chart[data-chart='val/acc'] .u-legend")
+    assert f"#{ids[0]} temperature=2" in legend and f"#{ids[1]} temperature=8" in legend
+    # Sortable by keyboard: Enter on a focused head sorts, and the head says which way.
+    page.focus("#final-table th[data-key=test_acc]")
+    page.keyboard.press("Enter")
+    assert page.get_attribute("#final-table th[data-key=test_acc]", "aria-sort") in (
+        "ascending",
+        "descending",
+    )
     # Differences only: the temperature differs, the batch size does not.
     assert page.locator("#config-table tr[data-key=temperature]").count() == 1
     assert page.locator("#config-table tr[data-key=batch_size]").count() == 0

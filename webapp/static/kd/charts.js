@@ -79,13 +79,31 @@ export function ema(values, weight) {
   return out;
 }
 
-function fmtTick(v) {
+function decadesOnly(u, splits) {
+  return splits.map((v) => (v > 0 && Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-6 ? v : null));
+}
+
+function fmtTick(v, digits = 4) {
   if (v === null || v === undefined) return "";
   const a = Math.abs(v);
-  if (a >= 1e6) return `${Number((v / 1e6).toPrecision(3))}M`;
-  if (a >= 1e4) return `${Number((v / 1e3).toPrecision(3))}k`;
-  if (a !== 0 && a < 1e-3) return v.toExponential(1);
-  return Number(v.toPrecision(4)).toString();
+  if (a >= 1e6) return `${Number((v / 1e6).toPrecision(Math.max(3, digits - 1)))}M`;
+  if (a >= 1e4) return `${Number((v / 1e3).toPrecision(Math.max(3, digits - 1)))}k`;
+  if (a !== 0 && a < 1e-3) return v.toExponential(Math.max(1, digits - 3));
+  return Number(v.toPrecision(digits)).toString();
+}
+
+// Axis labels: the fewest digits that tell neighbouring ticks apart (a learning rate decaying from
+// 1e-3 to 9.8e-4 must not read "9.8e-4, 9.8e-4"), and one notation per axis.
+export function fmtTicks(vals) {
+  const shown = vals.filter((v) => v !== null && v !== undefined);
+  const tiny = shown.some((v) => v !== 0 && Math.abs(v) < 1e-3);
+  for (let d = 4; d <= 8; d++) {
+    const fmt = (v) => (v === null || v === undefined ? "" : tiny && v !== 0 ? v.toExponential(Math.max(1, d - 3)) : fmtTick(v, d));
+    const out = vals.map(fmt);
+    const labels = out.filter(Boolean);
+    if (new Set(labels).size === labels.length) return out;
+  }
+  return vals.map((v) => (v === null || v === undefined ? "" : String(v)));
 }
 
 // One chart card. update() takes labels + aligned data; the x zoom survives updates until double-click.
@@ -101,6 +119,7 @@ export class ChartPanel {
     this.root = el("div", { class: "chart", "data-chart": key, "data-points": 0 },
       el("h3", { text: title }), this.body = el("div", { class: "chart-body" }));
     parent.append(this.root);
+    this.body.addEventListener("mouseleave", () => setTimeout(() => this.showLatest(), 0));
     this.resizer = new ResizeObserver(() => { if (this.plot) this.plot.setSize(this.size()); });
     this.resizer.observe(this.root);
   }
@@ -117,11 +136,13 @@ export class ChartPanel {
       cursor: { drag: { x: true, y: false }, sync: { key: "kd" } },
       scales: { x: { time: false }, y: this.logY ? { distr: 3 } : {} },
       axes: [
-        { label: this.xLabel, labelSize: 18, size: 32, values: (u, vals) => vals.map(fmtTick), font: "11px system-ui", labelFont: "11px system-ui" },
-        { size: 52, values: (u, vals) => vals.map(fmtTick), font: "11px system-ui" },
+        { label: this.xLabel, labelSize: 18, size: 32, values: (u, vals) => fmtTicks(vals), font: "11px system-ui", labelFont: "11px system-ui" },
+        { size: 60, values: (u, vals) => fmtTicks(vals), font: "11px system-ui",
+          // On a log axis, grid lines at the decades only: nine minor lines per decade read as grey bands.
+          ...(this.logY ? { grid: { filter: decadesOnly }, ticks: { filter: decadesOnly } } : {}) },
       ],
-      series: [{ label: this.xLabel, value: (u, v) => fmtTick(v) },
-        ...labels.map((label, i) => ({ label, stroke: colors[i], width: many ? 1 : 1.5, spanGaps: true, points: { show: false }, value: (u, v) => fmtTick(v) }))],
+      series: [{ label: this.xLabel, value: (u, v) => fmtTick(v, 6) },
+        ...labels.map((label, i) => ({ label, stroke: colors[i], dash: this.dashes?.[i] || undefined, width: many ? 1 : 1.5, spanGaps: true, points: { show: false }, value: (u, v) => fmtTick(v) }))],
       hooks: {
         setScale: [(u, key) => {
           if (key !== "x") return;
@@ -135,13 +156,16 @@ export class ChartPanel {
     };
     this.plot = new uPlot(opts, data, this.body);
     if (keep) { this.zoomed = true; this.plot.setScale("x", keep); }
+    // uPlot finishes its first draw in a microtask, which resets the legend: fill it after that.
+    setTimeout(() => this.showLatest(), 0);
   }
 
-  update(labels, data, colors = labels.map((_, i) => PALETTE[i % PALETTE.length])) {
+  update(labels, data, colors = labels.map((_, i) => PALETTE[i % PALETTE.length]), dashes = null) {
+    this.dashes = dashes;
     let points = 0;
     for (let i = 1; i < data.length; i++) for (const v of data[i]) if (v !== null && v !== undefined) points++;
     this.root.dataset.points = points;
-    const sig = labels.join("\u0000") + "|" + colors.join(",");
+    const sig = labels.join("\u0000") + "|" + colors.join(",") + "|" + JSON.stringify(dashes);
     if (!this.plot || sig !== this.labels) {
       this.labels = sig;
       this.build(labels, colors, data);
@@ -149,6 +173,22 @@ export class ChartPanel {
     }
     // Keep the user's zoom: only autoscale when they have not zoomed in.
     this.plot.setData(data, !this.zoomed);
+    setTimeout(() => this.showLatest(), 0);
+  }
+
+  // Off the chart, the legend shows the latest values rather than blanks (as TensorBoard and W&B do).
+  showLatest() {
+    const u = this.plot;
+    if (!u || (u.cursor.left ?? -1) >= 0) return;
+    const n = u.data[0]?.length || 0;
+    if (!n) return;
+    // Each series' own last point: a validation metric logged per epoch has gaps at the latest train step.
+    const idxs = u.data.map((ys, i) => {
+      if (i === 0) return n - 1;
+      for (let j = ys.length - 1; j >= 0; j--) if (ys[j] !== null && ys[j] !== undefined) return j;
+      return null;
+    });
+    u.setLegend({ idxs }, false);
   }
 
   setLogY(logY) { if (this.logY !== logY) { this.logY = logY; this.labels = null; } }
@@ -171,6 +211,19 @@ export function panelOf(name) {
   if (/^epoch$|^time$|wall|elapsed|^progress$/.test(base)) return [null, null];
   if (/^exchange\//.test(base)) return ["exchange", "Exchange (step of the copies in use)"];
   return [`other:${base}`, base];
+}
+
+// Codistillation panels hold several replicas' series: one colour per replica, one dash per loss component,
+// and the replicas' mean / ensemble in dark grey / black, so a dozen lines stay readable.
+export function seriesStyle(names) {
+  const perReplica = names.some((n) => /^replica\d+\//.test(n));
+  return names.map((n, i) => {
+    const m = /^replica(\d+)\//.exec(n);
+    const dash = /loss_hard|\/hard/.test(n) ? [6, 3] : /loss_(soft|distill)/.test(n) ? [2, 3] : null;
+    if (!perReplica) return { color: PALETTE[i % PALETTE.length], dash: null };
+    if (m) return { color: PALETTE[Number(m[1]) % PALETTE.length], dash };
+    return { color: /^ensemble\//.test(n) ? "#111" : "#868e96", dash };
+  });
 }
 
 export const PANEL_ORDER = ["loss", "accuracy", "val_loss", "agreement", "churn", "lr", "throughput"];

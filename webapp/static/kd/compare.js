@@ -15,6 +15,17 @@ const FINALS = [
 ];
 
 function label(e) { return `#${e.id} ${e.name || e.config?.name || ""}`.trim(); }
+
+// Legends and column heads name runs by what differs between them ("#3 temperature=2 alpha=0.5"), which
+// stays short for a sweep; the full name is in the tooltips and the final-metrics table.
+let shortLabels = new Map();
+function computeShortLabels() {
+  const flats = exps.map((e) => flatten(e.config));
+  const keys = [...new Set(flats.flatMap((f) => Object.keys(f)))].filter((k) => k !== "name" && new Set(flats.map((f) => f[k])).size > 1);
+  shortLabels = new Map(exps.map((e, i) => [e.id, keys.length >= 1 && keys.length <= 3
+    ? `#${e.id} ${keys.map((k) => `${k.replace(/^codistill\./, "")}=${flats[i][k] ?? "–"}`).join(" ")}` : label(e)]));
+}
+function short(e) { return shortLabels.get(e.id) || label(e); }
 function color(i) { return PALETTE[i % PALETTE.length]; }
 
 // /api/compare/ gives configs and final metrics; each experiment's series come with wall time (with_time=1).
@@ -88,7 +99,7 @@ function drawCharts() {
       const map = mappers[i] || ((p) => p[0]);
       const kept = pts.filter((p) => map(p) !== null);
       list.push({ xs: kept.map(map), ys: ema(kept.map((p) => (state.logY && p[1] <= 0 ? null : p[1])), state.smooth) });
-      labels.push(label(e));
+      labels.push(short(e));
       colors.push(color(i));
     });
     panel.update(labels, align(list), colors);
@@ -108,9 +119,23 @@ function finalsTable() {
     if (y === undefined || y === null) return -1;
     return (typeof x === "number" ? x - y : String(x).localeCompare(String(y))) * dir;
   });
+  // The best value of each column in bold: highest accuracy / compression / speed-up, smallest size / latency.
+  const best = {};
+  if (exps.length > 1) for (const [k] of FINALS) {
+    const vs = exps.map((e) => e.metrics?.[k]).filter((v) => typeof v === "number");
+    if (new Set(vs).size > 1) best[k] = /params|size|latency/.test(k) ? Math.min(...vs) : Math.max(...vs);
+  }
+  const sortBy = (k, num) => {
+    state.sort = { key: k, dir: key === k ? -dir : (num ? -1 : 1) };
+    finalsTable();
+    $(`#final-table th[data-key="${k}"]`).focus();
+  };
+  // Sortable by keyboard too: each head is focusable and says how the table is sorted.
   const head = (k, text, num) => el("th", {
     class: `sortable ${num ? "num" : ""} ${key === k ? (dir > 0 ? "sorted-asc" : "sorted-desc") : ""}`, "data-key": k, text,
-    onclick: () => { state.sort = { key: k, dir: key === k ? -dir : (num ? -1 : 1) }; finalsTable(); },
+    tabindex: 0, "aria-sort": key === k ? (dir > 0 ? "ascending" : "descending") : "none",
+    onclick: () => sortBy(k, num),
+    onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); sortBy(k, num); } },
   });
   t.replaceChildren(
     el("thead", {}, el("tr", {}, head("name", "Experiment"), head("status", "Status"), ...FINALS.map(([k, text]) => head(k, text, true)))),
@@ -118,7 +143,7 @@ function finalsTable() {
       el("td", {}, el("span", { style: `display:inline-block;width:.7rem;height:.7rem;border-radius:2px;margin-right:.4rem;background:${color(i)}` }),
         el("a", { href: `/experiments/${e.id}/`, text: label(e) })),
       el("td", {}, badge(e.status)),
-      ...FINALS.map(([k, , f]) => el("td", { class: "num", text: f(e.metrics?.[k]) }))))));
+      ...FINALS.map(([k, , f]) => el("td", { class: `num${best[k] !== undefined && e.metrics?.[k] === best[k] ? " best" : ""}`, text: f(e.metrics?.[k]) }))))));
 }
 
 function flatten(obj, prefix = "", out = {}) {
@@ -136,7 +161,7 @@ function configTable() {
   const rows = keys.map((k) => ({ k, vals: flats.map((f) => f[k] ?? "–") })).map((r) => ({ ...r, diff: new Set(r.vals).size > 1 }));
   const shown = only ? rows.filter((r) => r.diff) : rows;
   $("#config-table").replaceChildren(
-    el("thead", {}, el("tr", {}, el("th", { text: "Key" }), ...exps.map((e) => el("th", { text: label(e) })))),
+    el("thead", {}, el("tr", {}, el("th", { text: "Key" }), ...exps.map((e) => el("th", { title: label(e), text: short(e) })))),
     el("tbody", {}, shown.length ? shown.map((r) => el("tr", { class: r.diff && !only ? "diff" : "", "data-key": r.k },
       el("td", { class: "mono", text: r.k }), ...r.vals.map((v) => el("td", { class: "mono", text: v }))))
       : el("tr", {}, el("td", { colspan: exps.length + 1, class: "muted", text: "The configs are identical." }))));
@@ -157,7 +182,7 @@ function seg(id, key, parse = (v) => v) {
   $(id).addEventListener("click", (ev) => {
     const b = ev.target.closest("button");
     if (!b) return;
-    for (const x of $(id).children) x.classList.toggle("on", x === b);
+    for (const x of $(id).children) { x.classList.toggle("on", x === b); x.setAttribute("aria-pressed", String(x === b)); }
     state[key] = parse(b.dataset.v);
     drawCharts();
   });
@@ -165,13 +190,29 @@ function seg(id, key, parse = (v) => v) {
 
 async function init() {
   if (!ids.length) {
-    $("#cmp-msg").replaceChildren(el("div", { class: "empty" }, "Pick two or more experiments on the ", el("a", { href: "/experiments/", text: "Experiments page" }), " and press “Compare selected”."));
+    const box = el("div", { class: "empty", id: "cmp-empty" }, "Pick two or more experiments on the ", el("a", { href: "/experiments/", text: "Experiments page" }), " and press “Compare selected”.");
+    $("#cmp-msg").replaceChildren(box);
+    // Shortcuts to what people usually compare: their sweeps, and their latest finished runs.
+    try {
+      const list = items(await apiGet("/api/experiments/"));
+      const links = [];
+      const groups = new Map();
+      for (const e of list) if (e.sweep_group) groups.set(e.sweep_group, [...(groups.get(e.sweep_group) || []), e]);
+      for (const members of [...groups.values()].slice(0, 3)) {
+        links.push(el("a", { class: "btn small secondary", href: `/compare/?ids=${members.map((e) => e.id).sort((a, b) => a - b).join(",")}`, text: `sweep of ${members.length} (${members[0].name.replace(/\s*\[.*$/, "")})` }));
+      }
+      const done = list.filter((e) => e.status === "succeeded").slice(0, 5);
+      if (done.length >= 2) links.push(el("a", { class: "btn small secondary", id: "cmp-latest", href: `/compare/?ids=${done.map((e) => e.id).join(",")}`, text: `your latest ${done.length} finished runs` }));
+      if (links.length) box.append(el("div", { class: "row", style: "justify-content:center;margin-top:.7rem;flex-wrap:wrap" }, el("span", { class: "small", text: "Or compare:" }), ...links));
+    } catch { /* the plain hint stands */ }
     return;
   }
+  $("#cmp-msg").replaceChildren(el("div", { class: "empty", id: "cmp-loading", text: `Loading ${ids.length} experiment${ids.length === 1 ? "" : "s"} and their curves…` }));
   try { await load(); } catch (e) {
     $("#cmp-msg").replaceChildren(el("div", { class: "alert error", role: "alert", text: e.message }));
     return;
   }
+  $("#cmp-msg").replaceChildren();
   $("#cmp-title").textContent = `Compare ${exps.length} experiment${exps.length === 1 ? "" : "s"}`;
   $("#cmp-body").classList.remove("hidden");
   $("#csv-btn").disabled = false;
@@ -181,6 +222,7 @@ async function init() {
   seg("#yaxis", "logY", (v) => v === "log");
   $("#replicas").addEventListener("change", () => { state.replicas = $("#replicas").checked; drawCharts(); });
   $("#diff-only").addEventListener("change", configTable);
+  computeShortLabels();
   drawCharts();
   finalsTable();
   configTable();

@@ -1,6 +1,6 @@
 // Experiment page: history from /metrics/, then live WebSocket points (deduplicated), status, model card, downloads.
-import { $, ACTIVE, apiGet, apiSend, badge, el, fmtBytes, fmtCount, fmtDate, fmtDuration, fmtNum, fmtPct, progressBar } from "kd/api.js";
-import { ChartPanel, PALETTE, PANEL_ORDER, SeriesStore, align, panelOf } from "kd/charts.js";
+import { $, ACTIVE, apiGet, apiSend, badge, el, fmtBytes, fmtCount, fmtDate, fmtDuration, fmtNum, fmtPct, items, progressBar } from "kd/api.js";
+import { ChartPanel, PANEL_ORDER, SeriesStore, align, panelOf, seriesStyle } from "kd/charts.js";
 
 const id = Number($("#exp").dataset.id);
 const store = new SeriesStore();
@@ -21,8 +21,17 @@ function setStatus(status, progress, eta) {
   renderStatus();
 }
 
+// The charts' empty state says what to expect, which depends on the status.
+function updateEmpty() {
+  $("#charts-empty").classList.toggle("hidden", store.count() > 0);
+  $("#charts-empty").textContent = !exp || ACTIVE.has(exp.status)
+    ? (exp?.status === "queued" ? "Waiting for a worker: curves appear as soon as the job logs its first step." : "No points yet: curves appear as soon as the job logs its first step.")
+    : `This job logged no points before it ${exp.status === "failed" ? "failed (see the reason above)" : "stopped"}.`;
+}
+
 function renderStatus() {
   const e = exp;
+  updateEmpty();
   $("#exp-status").replaceChildren(badge(e.status));
   $("#exp").dataset.status = e.status;
   const p = e.status === "succeeded" ? 1 : (e.progress || 0);
@@ -36,32 +45,76 @@ function renderStatus() {
   if (e.started && e.finished) t.push(`took ${fmtDuration((new Date(e.finished) - new Date(e.started)) / 1000)}`);
   $("#times").textContent = t.join(" · ");
   $("#cancel-btn").classList.toggle("hidden", !ACTIVE.has(e.status));
+  if (!ACTIVE.has(e.status)) $("#live").textContent = "";
   if (e.status === "failed") {
-    $("#exp-error").replaceChildren(el("div", { class: "alert error", role: "alert", id: "error-text" }, el("strong", { text: "This experiment failed: " }), e.error || "no reason was recorded."));
+    $("#exp-error").replaceChildren(el("div", { class: "alert error", role: "alert", id: "error-text" }, el("strong", { text: "This experiment failed: " }), e.error || "no reason was recorded.",
+      el("div", { class: "small", style: "margin-top:.35rem" }, "Fix the config and run it again: ", el("a", { href: `/experiments/new/?clone=${id}`, text: "clone and edit" }), ".")));
   } else if (e.status === "cancelled") {
-    $("#exp-error").replaceChildren(el("div", { class: "alert note", text: "This experiment was cancelled." }));
+    $("#exp-error").replaceChildren(el("div", { class: "alert note", id: "cancelled-note" }, "This experiment was cancelled",
+      e.progress ? ` at ${Math.round(e.progress * 100)}%` : "", hasModel() ? ": the best model so far was kept (model card below) with its curves. " : ": its curves so far are kept below; no model was saved. ",
+      el("a", { href: `/experiments/new/?clone=${id}`, text: "Clone and edit" }), " to run it again."));
   } else $("#exp-error").replaceChildren();
 }
 
 function stat(v, l, id) { return el("div", { class: "stat", "data-metric": id }, el("div", { class: "v", text: v }), el("div", { class: "l", text: l })); }
 
+function signedPoints(d) { return `${d >= 0 ? "+" : "−"}${Math.abs(d * 100).toFixed(1)} points`; }
+
+// One plain sentence a reader can quote: accuracy against the teacher, size and speed against it.
+function verdict(m) {
+  const parts = [];
+  if (exp.kind === "distill" && m.test_acc !== undefined && m.teacher_acc !== undefined) {
+    parts.push("The student reaches ", el("strong", { text: fmtPct(m.test_acc) }), " test accuracy against the teacher's ",
+      el("strong", { text: fmtPct(m.teacher_acc) }), ` (${signedPoints(m.test_acc - m.teacher_acc)})`);
+    if (m.compression) parts.push(", with ", el("strong", { text: `${fmtNum(m.compression, 3)}× fewer parameters` }),
+      ` (${fmtCount(m.student_params)} vs ${fmtCount(m.teacher_params)})`);
+    if (m.speedup) parts.push(m.speedup >= 1 ? " and runs " : " but runs ",
+      el("strong", { text: m.speedup >= 1 ? `${fmtNum(m.speedup, 3)}× faster` : `${fmtNum(1 / m.speedup, 3)}× slower` }), " on one CPU sample");
+    parts.push(".");
+  } else if (exp.kind === "codistill" && m.ensemble_test_acc !== undefined) {
+    parts.push(`The best replica (${m.best_replica ?? 0}) reaches `, el("strong", { text: fmtPct(m.test_acc) }),
+      " test accuracy; the replicas averaged reach ", el("strong", { text: fmtPct(m.ensemble_test_acc) }), ".");
+    if (m.churn !== undefined && m.churn !== null) parts.push(` They disagree on ${fmtPct(m.churn)} of test samples (churn).`);
+  } else if (exp.kind === "train" && m.test_acc !== undefined) {
+    parts.push("Trained on the labels alone: ", el("strong", { text: fmtPct(m.test_acc) }), ` test accuracy with ${fmtCount(m.student_params)} parameters.`,
+      " Use it as a teacher: “Distill this model” trains a smaller student from it.");
+  }
+  return parts;
+}
+
+// A cancelled job may still have saved its best model so far.
+function hasModel() { return exp.status === "succeeded" || (exp.status === "cancelled" && (exp.artifacts || []).length > 0); }
+
+// A model at chance level learned nothing; say so before anyone ships or distils it.
+async function warnChance(m) {
+  if (typeof m.test_acc !== "number" || !exp.dataset?.id || $("#chance-warning")) return;
+  let classes;
+  try { classes = (await apiGet(`/api/datasets/${exp.dataset.id}/`)).num_classes; } catch { return; }
+  if (!classes || m.test_acc > 1.5 / classes) return;
+  $("#card-verdict").after(el("div", { class: "alert error", id: "chance-warning", role: "alert" },
+    el("strong", { text: "This model is at chance level: " }),
+    `${fmtPct(m.test_acc)} test accuracy on ${classes} classes (guessing gives ${fmtPct(1 / classes)}). `,
+    "It learned nothing: the learning rate is probably too high (see the training loss), or the labels carry no signal."));
+}
+
 function renderModelCard() {
   const m = exp.metrics || {};
-  const show = exp.status === "succeeded";
+  const show = hasModel();
   $("#model-card").classList.toggle("hidden", !show);
   if (!show) return;
   const c = exp.config || {};
   const stats = [
     stat(fmtPct(m.test_acc), "test accuracy", "test_acc"),
-    stat(fmtPct(m.val_acc), "val accuracy", "val_acc"),
+    stat(fmtPct(m.val_acc), "val accuracy (best epoch)", "val_acc"),
   ];
-  if (m.teacher_acc !== undefined) stats.push(stat(fmtPct(m.teacher_acc), "teacher test accuracy", "teacher_acc"));
+  if (m.teacher_acc !== undefined) stats.push(stat(fmtPct(m.teacher_acc), `teacher ${m.teacher_acc_split || "test"} accuracy`, "teacher_acc"));
   stats.push(stat(fmtCount(m.student_params), "parameters", "student_params"));
   if (m.teacher_params) stats.push(stat(fmtCount(m.teacher_params), "teacher parameters", "teacher_params"));
-  if (m.student_size_bytes) stats.push(stat(fmtBytes(m.student_size_bytes), "size", "student_size_bytes"));
-  if (m.student_latency_ms !== undefined) stats.push(stat(`${fmtNum(m.student_latency_ms, 3)} ms`, "CPU latency / batch", "student_latency_ms"));
-  if (m.compression) stats.push(stat(`${fmtNum(m.compression, 3)}×`, "compression", "compression"));
-  if (m.speedup) stats.push(stat(`${fmtNum(m.speedup, 3)}×`, "speed-up", "speedup"));
+  if (m.student_size_bytes) stats.push(stat(fmtBytes(m.student_size_bytes), "weights on disk", "student_size_bytes"));
+  if (m.student_latency_ms !== undefined) stats.push(stat(`${fmtNum(m.student_latency_ms, 3)} ms`, "CPU latency per sample", "student_latency_ms"));
+  if (m.compression) stats.push(stat(`${fmtNum(m.compression, 3)}×`, "fewer parameters than the teacher", "compression"));
+  if (m.speedup) stats.push(stat(`${fmtNum(m.speedup, 3)}×`, "CPU speed-up over the teacher", "speedup"));
+  if (m.test_agreement !== undefined && m.test_agreement !== null) stats.push(stat(fmtPct(m.test_agreement), "agrees with the teacher (test)", "test_agreement"));
   // Codistillation: the replicas together and apart.
   if (m.ensemble_test_acc !== undefined) stats.push(stat(fmtPct(m.ensemble_test_acc), "ensemble test accuracy", "ensemble_test_acc"));
   if (m.churn !== undefined && m.churn !== null) stats.push(stat(fmtPct(m.churn), "churn (replicas disagree)", "churn"));
@@ -69,9 +122,13 @@ function renderModelCard() {
     stats.push(stat(fmtPct(m[`replica${k}_test_acc`]), `replica ${k} test accuracy${m.best_replica === k ? " (best)" : ""}`, `replica${k}_test_acc`));
   }
   $("#card-stats").replaceChildren(...stats);
+  $("#card-verdict").replaceChildren(...verdict(m));
+  warnChance(m);
   const note = [`Produced by this config with seed ${c.seed ?? 0}`];
-  if (m.teacher_acc !== undefined && m.test_acc !== undefined) note.push(`accuracy ${m.test_acc >= m.teacher_acc ? "+" : "−"}${(Math.abs(m.test_acc - m.teacher_acc) * 100).toFixed(1)} points vs the teacher`);
+  if (exp.device) note.push(`trained on ${exp.device}`);
+  note.push("latency is the median of single-sample CPU runs on the worker");
   $("#card-note").textContent = note.join("; ") + ".";
+  renderDistilButton();
 
   const replicas = exp.kind === "codistill" ? (c.codistill?.replicas || 1) : 0;
   const pick = $("#replica-pick");
@@ -84,11 +141,25 @@ function renderModelCard() {
   renderDownloads();
 }
 
+// A trained model is a teacher: offer the next step where the user already is.
+async function renderDistilButton() {
+  const btn = $("#distil-btn");
+  if (exp.kind !== "train" || exp.status !== "succeeded" || btn.dataset.teacher) return;
+  try {
+    const t = items(await apiGet("/api/checkpoints/")).find((x) => x.source_experiment === id);
+    if (!t) return;
+    btn.href = `/experiments/new/?kind=distill&teacher=${t.id}`;
+    btn.dataset.teacher = t.id;
+    btn.classList.remove("hidden");
+  } catch { /* the Teachers page offers the same */ }
+}
+
 function renderDownloads() {
   const r = $("#replica")?.value;
   const extra = r ? `&replica=${r}` : "";
-  $("#downloads").replaceChildren(...[["safetensors", "safetensors"], ["torchscript", "TorchScript"], ["onnx", "ONNX"]].map(([fmt, label]) =>
-    el("a", { class: "btn small secondary", href: `/api/experiments/${id}/download/?format=${fmt}${extra}`, download: "", "data-format": fmt, text: `⬇ ${label}` })));
+  const have = exp.artifacts ? new Set(exp.artifacts.map((a) => a.kind)) : null;
+  $("#downloads").replaceChildren(...[["safetensors", "safetensors"], ["torchscript", "TorchScript"], ["onnx", "ONNX"]].filter(([fmt]) => !have || have.has(fmt)).map(([fmt, label]) =>
+    el("a", { class: "btn small secondary", href: `/api/experiments/${id}/download/?format=${fmt}${extra}`, download: "", "data-format": fmt, title: `Download the model as ${label}`, text: `⬇ ${label}` })));
 }
 
 function renderConfig() {
@@ -129,6 +200,24 @@ async function loadExperiment() {
 }
 
 // ---- charts ------------------------------------------------------------------------------------
+// Losses often fall by decades; "auto" switches their panels to a log axis when they do.
+const LOSS_PANELS = new Set(["loss", "val_loss"]);
+let yMode = "auto";
+
+function spansDecades(seriesValues) {
+  let lo = Infinity, hi = 0;
+  for (const vs of seriesValues) for (const v of vs) if (v > 0 && Number.isFinite(v)) { if (v < lo) lo = v; if (v > hi) hi = v; }
+  return hi > 0 && hi / lo > 100;
+}
+
+$("#yaxis").addEventListener("click", (ev) => {
+  const b = ev.target.closest("button");
+  if (!b) return;
+  for (const x of $("#yaxis").children) { x.classList.toggle("on", x === b); x.setAttribute("aria-pressed", String(x === b)); }
+  yMode = b.dataset.v;
+  drawnVersion = -1;
+  draw.last = 0;
+});
 function draw() {
   requestAnimationFrame(draw);
   if (store.version === drawnVersion) return;
@@ -149,13 +238,20 @@ function draw() {
   for (const key of keys) {
     const g = groups.get(key);
     if (!panels.has(key)) panels.set(key, new ChartPanel(container, { key, title: g.title, logY: false }));
-    const list = g.names.map((n) => { const s = store.get(n); return { xs: s.steps, ys: s.values }; });
-    panels.get(key).update(g.names, align(list), g.names.map((_, i) => PALETTE[i % PALETTE.length]));
+    const panel = panels.get(key);
+    const raw = g.names.map((n) => store.get(n).values);
+    const logY = LOSS_PANELS.has(key) && (yMode === "log" || (yMode === "auto" && spansDecades(raw)));
+    panel.setLogY(logY);
+    panel.root.dataset.logy = logY ? "1" : "0";
+    // A log axis cannot show zero or negative values: leave gaps there.
+    const list = g.names.map((n, i) => { const s = store.get(n); return { xs: s.steps, ys: logY ? raw[i].map((v) => (v > 0 ? v : null)) : raw[i] }; });
+    const style = seriesStyle(g.names);
+    panel.update(g.names, align(list), style.map((x) => x.color), style.map((x) => x.dash));
   }
   // Panels in a stable order even when a later series creates an earlier panel.
   for (const key of keys) container.append(panels.get(key).root);
   container.dataset.points = store.count();
-  $("#charts-empty").classList.toggle("hidden", store.count() > 0);
+  updateEmpty();
 }
 
 async function loadHistory() {
@@ -166,7 +262,12 @@ async function loadHistory() {
 }
 
 // ---- live socket ---------------------------------------------------------------------------------
-function setLive(text, on) { $("#live").textContent = text; $("#live").className = `small ${on ? "live-on" : "live-off"}`; }
+// The live badge matters only while the job moves; a finished page needs no connection status.
+function setLive(text, on) {
+  const active = exp && ACTIVE.has(exp.status);
+  $("#live").textContent = active ? text : "";
+  $("#live").className = `small ${on ? "live-on" : "live-off"}`;
+}
 
 function connect() {
   if (closed) return;
@@ -199,9 +300,14 @@ function connect() {
   };
 }
 
-// Without a socket, status still moves: poll the experiment while it is active.
+// Without a socket, status still moves: poll the experiment while it is active. With one, check now and
+// then too, so a final status message lost on the way (a reconnect at the wrong moment) cannot leave the
+// page showing "running" forever.
+let lastPoll = 0;
 async function poll() {
-  if (!socketOpen && exp && ACTIVE.has(exp.status)) {
+  const due = !socketOpen || Date.now() - lastPoll > 10_000;
+  if (due && exp && ACTIVE.has(exp.status)) {
+    lastPoll = Date.now();
     const before = exp.status;
     await loadExperiment();
     if (before !== exp.status || ACTIVE.has(exp.status)) loadHistory();

@@ -10,7 +10,7 @@ let base = {};
 
 const KIND_HELP = {
   distill: "Hinton et al. 2015: the student matches the teacher's softened outputs and the labels.",
-  train: "Train a model on the labels alone: a baseline, or a teacher to distil later.",
+  train: "Train a model on the labels alone: a baseline, or a teacher to distill later.",
   codistill: "Anil et al. 2018: replicas train together and each learns from the others' predictions.",
 };
 
@@ -18,11 +18,25 @@ const num = (id) => { const v = $(id).value.trim(); return v === "" ? undefined 
 const intList = (text) => text.split(/[\s,]+/).filter(Boolean).map(Number);
 const numList = (text) => text.split(/[\s,;]+/).filter(Boolean).map(Number);
 
+// A width list the user typed: whole numbers >= 1, or an error that names the field.
+function widths(id, label) {
+  const text = $(id).value;
+  const vs = intList(text);
+  const bad = text.split(/[\s,]+/).filter(Boolean).find((t) => !/^\d+$/.test(t) || Number(t) < 1);
+  if (bad !== undefined) throw new FieldError(id, `${label}: “${bad}” is not a whole number ≥ 1 (write widths like “128, 64”).`);
+  return vs;
+}
+
+class FieldError extends Error { constructor(field, message) { super(message); this.field = field; } }
+
 function spec() {
   const arch = $("#f-arch").value;
   if (arch === "resnet") return { arch, depth: Number($("#f-depth").value), width: Number($("#f-width").value) };
-  const s = { arch, hidden: intList($("#f-hidden").value) };
-  if (arch === "cnn") s.channels = intList($("#f-channels").value);
+  const s = { arch, hidden: widths("#f-hidden", "Hidden layers") };
+  if (arch === "cnn") {
+    s.channels = widths("#f-channels", "Conv channels");
+    if (!s.channels.length) throw new FieldError("#f-channels", "Conv channels: give at least one width, e.g. “16, 32”.");
+  }
   const d = num("#f-dropout");
   if (d) s.dropout = d;
   return s;
@@ -99,6 +113,12 @@ function updateSize() {
       el("div", { class: "small muted", id: "size-ratio", text: n < tp ? `${(tp / n).toFixed(1)}× smaller than the teacher (${(100 * n / tp).toFixed(1)}% of its parameters)` : `${(n / tp).toFixed(2)}× the teacher's parameters: not a compression` }));
   }
   box.replaceChildren(...rows);
+  // The quick-launch summary says what the defaults will do, in the same numbers as the size box.
+  if ($("#quick-summary")) {
+    $("#quick-summary").textContent = tp
+      ? `A ${fmtCount(n)}-parameter student (${n < tp ? `${(tp / n).toFixed(1)}× smaller than the teacher` : "not smaller than the teacher"}), ${num("#f-epochs") || "?"} epochs at T = ${num("#f-temperature") ?? "?"}, alpha = ${num("#f-alpha") ?? "?"}. Change anything below, or launch now.`
+      : "Change anything below, or launch now.";
+  }
 }
 
 function updateKind() {
@@ -123,7 +143,9 @@ function refresh() {
   const count = s ? (s.temperature?.length || 1) * (s.alpha?.length || 1) : 0;
   $("#sweep-count").textContent = s ? `Launches ${count} experiments, one per combination.` : "";
   $("#launch-btn").textContent = s ? `Launch ${count} experiments` : "Launch";
-  $("#config-preview").textContent = JSON.stringify(s ? { ...config(), sweep: s } : config(), null, 2);
+  try {
+    $("#config-preview").textContent = JSON.stringify(s ? { ...config(), sweep: s } : config(), null, 2);
+  } catch (e) { $("#config-preview").textContent = e.message; }
 }
 
 function fill(c) {
@@ -154,19 +176,34 @@ function fits(t, ds) {
   return shapeOk && (!t.num_classes || t.num_classes === ds.num_classes);
 }
 
-// Teachers that fit the chosen dataset first, uploaded ones before models trained here.
+// What each trained-here teacher came from (kind, test accuracy): a good default and an informed choice.
+let sources = new Map();
+function sourceOf(t) { return t.source_experiment ? sources.get(t.source_experiment) : null; }
+function teacherRank(t) {
+  const src = sourceOf(t);
+  if (!t.source_experiment) return 2; // uploaded on purpose as a teacher
+  return src?.kind === "train" ? 1 : 0; // a model trained on labels before a distilled student
+}
+
+// Teachers that fit the chosen dataset first; then uploaded ones, then models trained on labels here, best first.
 function fillTeachers() {
   const ds = selectedDataset();
   const keep = $("#f-teacher").value;
-  const sorted = [...teachers].sort((a, b) => (fits(b, ds) - fits(a, ds)) || (!!a.source_experiment - !!b.source_experiment));
-  options($("#f-teacher"), sorted, (t) => `${t.name} · ${fmtCount(t.num_params)} params${fits(t, ds) ? "" : " (does not fit this dataset)"}`,
-    "no teacher yet: upload or train one");
+  const acc = (t) => sourceOf(t)?.metrics?.test_acc ?? -1;
+  const sorted = [...teachers].sort((a, b) => (fits(b, ds) - fits(a, ds)) || (teacherRank(b) - teacherRank(a)) || (acc(b) - acc(a)));
+  options($("#f-teacher"), sorted, (t) => {
+    const a = acc(t);
+    return `${t.name} · ${fmtCount(t.num_params)} params${a >= 0 ? ` · ${(a * 100).toFixed(1)}% test acc` : ""}${fits(t, ds) ? "" : " (does not fit this dataset)"}`;
+  }, "no teacher yet: upload or train one");
   if (keep && sorted.some((t) => String(t.id) === keep)) $("#f-teacher").value = keep;
 }
 
 async function init() {
   try {
-    [datasets, teachers] = await Promise.all([apiGet("/api/datasets/").then(items), apiGet("/api/checkpoints/").then(items)]);
+    let exps;
+    [datasets, teachers, exps] = await Promise.all([apiGet("/api/datasets/").then(items), apiGet("/api/checkpoints/").then(items),
+      apiGet("/api/experiments/").then(items).catch(() => [])]);
+    sources = new Map(exps.map((e) => [e.id, e]));
   } catch (e) { showError($("#form-msg"), `Could not load your datasets and teachers: ${e.message}`); }
   datasets = datasets.filter((d) => !d.status || d.status === "ready");
   options($("#f-dataset"), datasets, (d) => `${d.name} · ${d.num_samples ?? "?"} samples, ${d.num_classes ?? "?"} classes`, "no dataset yet: upload one");
@@ -190,13 +227,23 @@ async function init() {
     if (q.get("name")) $("#f-name").value = q.get("name");
     if (q.get("dataset")) $("#f-dataset").value = q.get("dataset");
     else if (q.get("teacher")) {
-      // "Distil this teacher": start from a dataset it fits, preferably the one it was trained on.
+      // "Distill this teacher": start from a dataset it fits, preferably the one it was trained on.
       const t = teachers.find((x) => String(x.id) === q.get("teacher"));
       const d = t && (datasets.find((x) => x.id === t.dataset && fits(t, x)) || datasets.find((x) => fits(t, x)));
       if (d) $("#f-dataset").value = d.id;
     }
     fillTeachers();
     if (q.get("teacher")) $("#f-teacher").value = q.get("teacher");
+    // Arriving from "Distill it now": the defaults are ready, so the launch button comes to the top of the form.
+    const t = selectedTeacher();
+    if (q.get("teacher") && t && String(t.id) === q.get("teacher") && ($("#f-kind").value === "distill" || !q.get("kind"))) {
+      $("#f-kind").value = "distill";
+      $("#clone-note").replaceChildren(el("div", { class: "card start", id: "quick-launch" },
+        el("div", { class: "start-text" },
+          el("h2", { text: `Distill “${t.name}”` }),
+          el("p", { id: "quick-summary" })),
+        el("button", { class: "btn big", type: "submit", form: "exp-form", id: "quick-launch-btn", text: "Launch with these settings" })));
+    }
     if (q.get("kind") === "train" && q.get("name") === "teacher") { $("#f-hidden").value = "256, 128"; }
   }
   refresh();
@@ -209,20 +256,38 @@ $("#exp-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const msg = $("#form-msg");
   msg.replaceChildren();
-  const c = config();
+  let c;
+  try { c = config(); } catch (e) {
+    if (!(e instanceof FieldError)) throw e;
+    showError(msg, e.message);
+    $(e.field).focus();
+    return;
+  }
+  // Empty number fields would silently fall back to the server's defaults: name them instead.
+  const empty = [...document.querySelectorAll("#exp-form input[type=number]")].find((i) => i.required && i.value.trim() === "" && i.offsetParent !== null);
+  if (empty) { showError(msg, `${document.querySelector(`label[for="${empty.id}"]`)?.textContent || empty.id}: enter a number.`); empty.focus(); return; }
   if (!c.dataset && c.dataset !== 0) { showError(msg, "Pick a dataset (upload one on the Datasets page)."); return; }
   if (c.kind === "distill" && !c.teacher) { showError(msg, "Distillation needs a teacher: upload one or train one first."); return; }
   const s = sweep();
   if (s && [...(s.temperature || []), ...(s.alpha || [])].some((v) => Number.isNaN(v))) { showError(msg, "Sweep values must be numbers separated by commas."); return; }
   const btn = $("#launch-btn");
+  const label = btn.textContent;
   btn.disabled = true;
+  btn.textContent = "Launching…";
+  if ($("#quick-launch-btn")) $("#quick-launch-btn").disabled = true;
   try {
     const res = await apiSend("POST", "/api/experiments/", s ? { ...c, sweep: s } : c);
     if (res.ids) location.href = `/compare/?ids=${res.ids.join(",")}`;
     else location.href = `/experiments/${res.id}/`;
   } catch (e) {
-    showError(msg, e.message);
+    showError(msg, `Not launched: ${e.message}`);
+    // The API names the config key at fault ('epochs', 'codistill.replicas'): take the user to that field.
+    const key = /^'([\w.]+)'/.exec(e.message)?.[1];
+    const field = key && ($(`#f-${key}`) || $(`#c-${key.replace(/^codistill\./, "")}`) || (key.startsWith("model.") ? $(`#f-${key.slice(6)}`) : null));
+    if (field) field.focus();
     btn.disabled = false;
+    btn.textContent = label;
+    if ($("#quick-launch-btn")) $("#quick-launch-btn").disabled = false;
   }
 });
 

@@ -69,15 +69,7 @@ $("#upload-form").addEventListener("submit", async (ev) => {
     $("#ck-format").textContent = "–";
     archField.classList.add("hidden");
     showFound(ck);
-    async function loadDatasets() {
-  try {
-    const list = items(await apiGet("/api/datasets/"));
-    $("#ck-dataset").append(...list.map((d) => el("option", { value: d.id, text: `${d.name} (${Array.isArray(d.input_shape) ? d.input_shape.join("×") : "?"}, ${d.num_classes ?? "?"} classes)` })));
-  } catch { /* optional field */ }
-}
-
-loadList();
-loadDatasets();
+    loadList();
   } catch (err) {
     msg.replaceChildren(el("div", { class: "alert error", role: "alert", id: "upload-error" }, el("strong", { text: "Refused: " }), err.message));
   } finally {
@@ -97,21 +89,21 @@ function showFound(ck) {
       stat(shape(ck.input_shape), "input shape"), stat(ck.num_classes ?? "–", "classes"), stat(ck.format ?? "–", "format")),
     ck.arch || ck.spec ? el("pre", { style: "margin-top:.8rem", text: JSON.stringify(ck.arch || ck.spec) }) : null,
     el("div", { class: "row", style: "margin-top:1rem" },
-      el("a", { class: "btn", href: `/experiments/new/?kind=distill&teacher=${ck.id}`, text: "Distil this teacher" })));
+      el("a", { class: "btn", href: `/experiments/new/?kind=distill&teacher=${ck.id}`, text: "Distill this teacher →" })));
 }
 
 async function loadList() {
   const tbody = $("#ck-table tbody");
   try {
     const list = items(await apiGet("/api/checkpoints/"));
-    if (!list.length) { tbody.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No teachers yet." }))); return; }
+    if (!list.length) { tbody.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No teachers yet: upload a trained model above, or train one here (every finished experiment's model appears in this list)." }))); return; }
     tbody.replaceChildren(...list.map((c) => el("tr", { "data-id": c.id },
       el("td", {}, el("a", { href: "#", text: c.name, onclick: (e) => { e.preventDefault(); showFound(c); } })),
-      el("td", { text: c.format ?? "–" }), el("td", { class: "num", text: fmtCount(c.num_params) }),
-      el("td", { class: "mono", text: shape(c.input_shape) }), el("td", { class: "num", text: c.num_classes ?? "–" }),
-      el("td", {}, c.source_experiment ? el("a", { href: `/experiments/${c.source_experiment}/`, text: `experiment #${c.source_experiment}` }) : "uploaded"),
+      el("td", { class: "hide-sm", text: c.format ?? "–" }), el("td", { class: "num", text: fmtCount(c.num_params) }),
+      el("td", { class: "mono hide-sm", text: shape(c.input_shape) }), el("td", { class: "num hide-sm", text: c.num_classes ?? "–" }),
+      el("td", { class: "hide-sm" }, c.source_experiment ? el("a", { href: `/experiments/${c.source_experiment}/`, text: `experiment #${c.source_experiment}` }) : "uploaded"),
       el("td", { class: "num" },
-        el("a", { class: "btn small secondary", href: `/experiments/new/?kind=distill&teacher=${c.id}`, text: "Distil" }), " ",
+        el("a", { class: "btn small secondary", href: `/experiments/new/?kind=distill&teacher=${c.id}`, text: "Distill" }), " ",
         c.source_experiment ? null : el("button", { class: "btn small danger", type: "button", text: "Delete", onclick: async () => {
           if (!confirm(`Delete teacher “${c.name}”?`)) return;
           try { await apiSend("DELETE", `/api/checkpoints/${c.id}/`); loadList(); } catch (e) { alert(e.message); }
