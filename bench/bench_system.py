@@ -87,24 +87,6 @@ def _write_big_npz(path: Path, megabytes: int) -> None:
     path.with_suffix(".x.npy").unlink()
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants (a Celery worker's pool children)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [pid], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _max_rss(pids: list[int]) -> tuple[int, int]:
     """The largest (VmRSS, RssAnon) among `pids`: RssAnon leaves out memory-mapped file pages."""
     best, anon = 0, 0
@@ -153,9 +135,11 @@ def _upload_streaming(stack: Any, token: str, path: Path, on_sent: Any) -> tuple
 
 
 def bench_upload(stack: Any, api: Any, megabytes: int) -> dict[str, Any]:
+    from tests.stack import descendants
+
     token = api.token
     pid = stack.procs["web"].pid
-    worker_pids = _tree(stack.procs["worker"].pid)
+    worker_pids = [stack.procs["worker"].pid, *descendants(stack.procs["worker"].pid)]
     with tempfile.TemporaryDirectory(dir=stack.tmp_dir) as tmp:
         path = Path(tmp) / "big.npz"
         _write_big_npz(path, megabytes)

@@ -33,7 +33,7 @@ from kd_core.errors import ConfigError, TrainingError
 from kd_core.losses import codistillation_loss
 from kd_core.models import build_model, count_params
 from kd_core.runner import RunResult
-from kd_core.sinks import MetricsSink
+from kd_core.sinks import MetricsSink, flush_sink
 from kd_core.trainer import (
     autocast,
     batches_per_epoch,
@@ -563,10 +563,12 @@ def _run_in_process(
             and step < total
             and time.perf_counter() - last_ckpt_t > CHECKPOINT_EVERY_S
         ):
+            flush_sink(sink)
             _save_checkpoint(Path(checkpoint_path), step, copy_step, replicas, copies, keeps, config)
             last_ckpt_t = time.perf_counter()
 
     if checkpoint_path is not None and stopped:  # a requeued job resumes from here, as train/distill do
+        flush_sink(sink)
         _save_checkpoint(Path(checkpoint_path), step, copy_step, replicas, copies, keeps, config)
     for keep, r in zip(keeps, replicas):
         keep.restore(r.model)

@@ -22,7 +22,7 @@ from kd_core.config import ExperimentConfig
 from kd_core.device import autocast_dtype
 from kd_core.errors import ConfigError, DatasetError, TrainingError
 from kd_core.losses import distillation_loss
-from kd_core.sinks import MetricsSink
+from kd_core.sinks import MetricsSink, flush_sink
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 1024
@@ -370,6 +370,7 @@ def train_model(
             "last_eval_step": last_eval_step,
             "rng": _rng_state(order_gen, aug_gen, device),
         }
+        flush_sink(sink)
         # Atomic: a crash mid-write leaves the previous checkpoint intact.
         atomic_write(checkpoint_path, lambda tmp: torch.save(payload, tmp))
 

@@ -47,6 +47,26 @@ WORKER_CMD = ["celery", "-A", "webapp", "worker", "-Q", "gpu,default", "--pool",
 WEB_CMD = ["daphne", "-b", "127.0.0.1", "-p", "{port}", "webapp.asgi:application"]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (from /proc), each once: a stack's worker pools and servers' children."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
 def free_port() -> int:
     from webapp.redis_server import free_port as _free_port
 

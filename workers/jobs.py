@@ -207,8 +207,7 @@ def run(experiment_id: int, *, task_id: str = "", hostname: str = "") -> str:
     from workers.sink import DbChannelSink
 
     folder = job_dir(exp.pk)
-    every_s, _ = checkpoint_interval()
-    sink = DbChannelSink(exp.pk, checkpoint_path=folder / "train.ckpt", checkpoint_every_s=every_s)
+    sink = DbChannelSink(exp.pk)
     stop = StopSignal(exp.pk)
     try:
         result = _execute(exp, folder, device, sink, stop, timings)
@@ -357,7 +356,7 @@ def inspect_upload(dataset_id: int) -> str:
         with local_path(dataset.file) as path:
             inspection = inspect_dataset(str(path), options=dataset.options or {})
     except DatasetError as exc:
-        services.fail_inspection(dataset_id, file_name, f"{shown}: {exc}")
+        services.fail_inspection(dataset_id, file_name, services.refusal_message(shown, shown, exc))
         return "failed"
     except Exception as exc:  # noqa: BLE001 - the row must settle whatever went wrong
         log.exception("inspecting dataset %s failed", dataset_id)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 
@@ -49,10 +47,9 @@ class DbChannelSink:
     written before messages are sent, so a client that reads `/metrics/` and then listens sees no gap.
     `status` updates Experiment.progress/eta_s at most every `status_every` seconds.
 
-    With `checkpoint_path` and `checkpoint_every_s` (the trainer's resumable checkpoint and its period) it
-    writes every row at once during the second before a checkpoint is due, until the file changes: the
-    checkpoint then never runs ahead of the stored series, so a job resumed after its worker died (at
-    the step after the checkpoint) leaves no gap in its curves.
+    The trainer calls `flush` right before it writes a resumable checkpoint: the checkpoint then never
+    runs ahead of the stored series, so a job resumed after its worker died (at the step after the
+    checkpoint) leaves no gap in its curves.
     """
 
     def __init__(
@@ -61,20 +58,10 @@ class DbChannelSink:
         *,
         flush_every: float = 0.5,
         status_every: float = 1.0,
-        checkpoint_path: str | os.PathLike[str] | None = None,
-        checkpoint_every_s: float | None = None,
     ) -> None:
         self.experiment_id = experiment_id
         self.flush_every = flush_every
         self.status_every = status_every
-        self._checkpoint = (
-            Path(checkpoint_path) if checkpoint_path is not None and checkpoint_every_s else None
-        )
-        self._checkpoint_every = float(checkpoint_every_s or 0.0)
-        # When the last checkpoint was written (wall clock); the sink's creation precedes the trainer's
-        # start, so the first one is expected early rather than late.
-        self._checkpoint_mtime = self._mtime()
-        self._checkpoint_since = time.time()
         self._pending: list[tuple[int, dict[str, float], float]] = []
         self._last_flush = time.monotonic()
         self._last_status = 0.0
@@ -87,25 +74,8 @@ class DbChannelSink:
         clean = {str(k): float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         if clean:
             self._pending.append((int(step), clean, time.time()))
-        if time.monotonic() - self._last_flush >= self.flush_every or self._checkpoint_due():
+        if time.monotonic() - self._last_flush >= self.flush_every:
             self.flush()
-
-    def _mtime(self) -> float | None:
-        if self._checkpoint is None:
-            return None
-        try:
-            return self._checkpoint.stat().st_mtime
-        except OSError:
-            return None
-
-    def _checkpoint_due(self) -> bool:
-        if self._checkpoint is None:
-            return False
-        mtime = self._mtime()
-        if mtime != self._checkpoint_mtime:
-            self._checkpoint_mtime = mtime
-            self._checkpoint_since = mtime or time.time()
-        return time.time() >= self._checkpoint_since + self._checkpoint_every - 1.0
 
     def status(self, progress: float, eta_s: float | None) -> None:
         progress = min(max(float(progress), 0.0), 1.0)

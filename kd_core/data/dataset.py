@@ -193,6 +193,38 @@ def check_class_names(names: Any) -> list[str]:
     return names
 
 
+def check_split(
+    split: str, shape: tuple[int, ...], x_shape: tuple[int, ...], ys: Any, labeled: bool
+) -> np.ndarray | None:
+    """Checks a given val/test split (its x already checked) against 'x'; its checked labels, or None."""
+    if shape[1:] != x_shape[1:]:
+        raise DatasetError(
+            f"'x_{split}' samples have shape {shape[1:]} but 'x' samples have shape {x_shape[1:]}"
+        )
+    if labeled and ys is None:
+        raise DatasetError(f"'x_{split}' needs its labels 'y_{split}' because 'x' has labels 'y'")
+    if not labeled and ys is not None:
+        raise DatasetError(f"'y_{split}' is given but 'x' has no labels 'y'")
+    return check_labels(ys, f"y_{split}", shape[0]) if labeled else None
+
+
+def resolve_classes(class_names: Any, labels: list[np.ndarray] | None) -> tuple[list[str], int | None]:
+    """Checked class names and the class count; labels (all splits' checked labels) is None when unlabeled."""
+    names = check_class_names(class_names) if class_names is not None else None
+    num_classes: int | None = len(names) if names is not None else None
+    if labels is not None:
+        top = max(int(a.max()) for a in labels if len(a))
+        if num_classes is None:
+            num_classes = top + 1
+        elif top >= num_classes:
+            raise DatasetError(
+                f"label {top} does not index 'class_names', which lists {num_classes} classes (0 to {num_classes - 1})"
+            )
+    if names is None:
+        names = [str(i) for i in range(num_classes)] if num_classes is not None else []
+    return names, num_classes
+
+
 def build_dataset(raw: RawData, *, seed: int, val_fraction: float, test_fraction: float) -> Dataset:
     """Validate what a loader read, carve missing splits, add label noise, statistics and fingerprint."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 0.9):
@@ -210,28 +242,10 @@ def build_dataset(raw: RawData, *, seed: int, val_fraction: float, test_fraction
                 raise DatasetError(f"'y_{split}' is given without 'x_{split}'")
             continue
         xs = check_x(xs, f"x_{split}", allow_empty=True)
-        if xs.shape[1:] != x.shape[1:]:
-            raise DatasetError(
-                f"'x_{split}' samples have shape {xs.shape[1:]} but 'x' samples have shape {x.shape[1:]}"
-            )
-        if labeled and ys is None:
-            raise DatasetError(f"'x_{split}' needs its labels 'y_{split}' because 'x' has labels 'y'")
-        if not labeled and ys is not None:
-            raise DatasetError(f"'y_{split}' is given but 'x' has no labels 'y'")
-        given[split] = (xs, check_labels(ys, f"y_{split}", len(xs)) if labeled else None)
+        given[split] = (xs, check_split(split, xs.shape, x.shape, ys, labeled))
 
-    class_names = check_class_names(raw.class_names) if raw.class_names is not None else None
-    num_classes: int | None = len(class_names) if class_names is not None else None
-    if labeled:
-        top = max(int(a.max()) for a in [y] + [v[1] for v in given.values()] if len(a))
-        if num_classes is None:
-            num_classes = top + 1
-        elif top >= num_classes:
-            raise DatasetError(
-                f"label {top} does not index 'class_names', which lists {num_classes} classes (0 to {num_classes - 1})"
-            )
-    if class_names is None:
-        class_names = [str(i) for i in range(num_classes)] if num_classes is not None else []
+    labels = [y] + [v[1] for v in given.values()] if y is not None else None
+    class_names, num_classes = resolve_classes(raw.class_names, labels)
 
     rng = np.random.default_rng(seed)
     missing = [s for s in ("val", "test") if s not in given]

@@ -7,6 +7,7 @@ import posixpath
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +33,18 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 def load_zip(path: Path, options: dict[str, Any]) -> RawData:
     """class/*.png (optionally under train/, val/, test/ or one wrapping folder), resized NCHW in [0, 1]."""
-    size = image_size_option(options)
-    files, skipped = _list_members(path)
-    layout = _layout(files, skipped)
-    if not layout:
-        raise DatasetError(_no_images_message(skipped))
-    if "train" not in layout:
-        raise DatasetError("the ZIP file has val/ or test/ folders but no train/ folder")
-    class_names = sorted({cls for split in layout.values() for cls in split})
+    size, layout, skipped, class_names = _plan(path, options)
     class_index = {name: i for i, name in enumerate(class_names)}
-    n_images = sum(len(names) for split in layout.values() for names in split.values())
-    if n_images * 3 * size[0] * size[1] * 4 > limits.MAX_ARRAY_BYTES:
-        raise DatasetError(
-            f"{n_images} images at {size[0]}x{size[1]} would take more than "
-            f"{limits.MAX_ARRAY_BYTES // 1024**2} MiB; choose a smaller image_size"
-        )
     decoded: dict[str, tuple[list[np.ndarray], list[int], list[bool]]] = {}
     with zipfile.ZipFile(path) as zf:
         for split, classes in layout.items():
             pixels: list[np.ndarray] = []
             labels: list[int] = []
             grays: list[bool] = []
-            for cls in sorted(classes):
-                for name in sorted(classes[cls]):
-                    result = _decode(zf, name, size)
-                    if isinstance(result, str):
-                        _skip(skipped, name, result)
-                        continue
-                    pixels.append(result[0])
-                    grays.append(result[1])
-                    labels.append(class_index[cls])
+            for hwc, is_gray, cls in _decode_split(zf, classes, size, skipped):
+                pixels.append(hwc)
+                grays.append(is_gray)
+                labels.append(class_index[cls])
             decoded[split] = (pixels, labels, grays)
     if not decoded["train"][0]:
         raise DatasetError(_no_images_message(skipped))
@@ -91,6 +74,43 @@ def load_zip(path: Path, options: dict[str, Any]) -> RawData:
         fingerprint_options={"image_size": list(size), "color": info["color"]},
         info=info,
     )
+
+
+def _plan(
+    path: Path, options: dict[str, Any]
+) -> tuple[tuple[int, int], dict[str, dict[str, list[str]]], list[dict[str, str]], list[str]]:
+    """Image size, split/class layout, skips so far and class names, refusing what would not fit in memory."""
+    size = image_size_option(options)
+    files, skipped = _list_members(path)
+    layout = _layout(files, skipped)
+    if not layout:
+        raise DatasetError(_no_images_message(skipped))
+    if "train" not in layout:
+        raise DatasetError("the ZIP file has val/ or test/ folders but no train/ folder")
+    class_names = sorted({cls for split in layout.values() for cls in split})
+    n_images = sum(len(names) for split in layout.values() for names in split.values())
+    if n_images * 3 * size[0] * size[1] * 4 > limits.MAX_ARRAY_BYTES:
+        raise DatasetError(
+            f"{n_images} images at {size[0]}x{size[1]} would take more than "
+            f"{limits.MAX_ARRAY_BYTES // 1024**2} MiB; choose a smaller image_size"
+        )
+    return size, layout, skipped, class_names
+
+
+def _decode_split(
+    zf: zipfile.ZipFile, classes: dict[str, list[str]], size: tuple[int, int], skipped: list[dict[str, str]]
+) -> Iterator[tuple[np.ndarray, bool, str]]:
+    """(uint8 HWC pixels, grayscale?, class) of one split's images, class by class and name by name.
+
+    An image that cannot be used is recorded in `skipped` instead.
+    """
+    for cls in sorted(classes):
+        for name in sorted(classes[cls]):
+            result = _decode(zf, name, size)
+            if isinstance(result, str):
+                _skip(skipped, name, result)
+                continue
+            yield result[0], result[1], cls
 
 
 def _skip(skipped: list[dict[str, str]], name: str, reason: str) -> None:

@@ -14,25 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from kd_core.data import dataset as limits
 from kd_core.data.dataset import (
     Dataset,
     carve_splits,
-    check_class_names,
     check_finite,
     check_labels,
+    check_split,
     check_x_layout,
+    resolve_classes,
     stream_fingerprint,
 )
 from kd_core.data.images import (
     MAX_REPORTED_SKIPS,
-    _decode,
-    _layout,
-    _list_members,
+    _decode_split,
     _no_images_message,
-    _skip,
+    _plan,
 )
-from kd_core.data.options import image_size_option
 from kd_core.data.tables import (
     NPZ_KEYS,
     check_npz_headers,
@@ -41,8 +38,9 @@ from kd_core.data.tables import (
     csv_labels,
     csv_nonfinite_message,
     npz_class_names,
-    npz_x_notes,
+    npz_info,
     open_csv,
+    read_npy_header,
 )
 from kd_core.errors import DatasetError
 
@@ -100,17 +98,8 @@ def open_npz_dataset(path: Path, *, seed: int = 0, val_fraction: float = 0.1, te
             raise
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
             raise DatasetError(f"cannot read the NPZ file: {exc}") from exc
-        if "x" not in arrays:
-            raise DatasetError(
-                f"the NPZ file has no array 'x' (it has: {', '.join(sorted(arrays) + ignored) or 'none'})"
-            )
-        warnings = npz_x_notes(arrays["x"])
+        info = npz_info(arrays, ignored)
         class_names = npz_class_names(arrays)
-        info: dict[str, Any] = {}
-        if ignored:
-            info["ignored_arrays"] = ignored
-        if warnings:
-            info["warnings"] = warnings
         yield _build(path.stem, arrays, class_names, info, seed, val_fraction, test_fraction)
 
 
@@ -211,21 +200,8 @@ def open_zip_dataset(
     test_fraction: float = 0.2,
 ):
     """load_zip + build_dataset with the same checks and errors; images are decoded one at a time to disk."""
-    size = image_size_option(options)
-    files, skipped = _list_members(path)
-    layout = _layout(files, skipped)
-    if not layout:
-        raise DatasetError(_no_images_message(skipped))
-    if "train" not in layout:
-        raise DatasetError("the ZIP file has val/ or test/ folders but no train/ folder")
-    class_names = sorted({cls for split in layout.values() for cls in split})
+    size, layout, skipped, class_names = _plan(path, options)
     class_index = {name: i for i, name in enumerate(class_names)}
-    n_images = sum(len(names) for split in layout.values() for names in split.values())
-    if n_images * 3 * size[0] * size[1] * 4 > limits.MAX_ARRAY_BYTES:
-        raise DatasetError(
-            f"{n_images} images at {size[0]}x{size[1]} would take more than "
-            f"{limits.MAX_ARRAY_BYTES // 1024**2} MiB; choose a smaller image_size"
-        )
     with tempfile.TemporaryDirectory(prefix="kd-zip-") as tmp:
         decoded: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         gray = True
@@ -234,15 +210,10 @@ def open_zip_dataset(
                 target = Path(tmp) / f"{split}.u8"
                 labels: list[int] = []
                 with open(target, "wb") as out:
-                    for cls in sorted(classes):
-                        for name in sorted(classes[cls]):
-                            result = _decode(zf, name, size)
-                            if isinstance(result, str):
-                                _skip(skipped, name, result)
-                                continue
-                            out.write(result[0].tobytes())
-                            gray = gray and result[1]
-                            labels.append(class_index[cls])
+                    for hwc, is_gray, cls in _decode_split(zf, classes, size, skipped):
+                        out.write(hwc.tobytes())
+                        gray = gray and is_gray
+                        labels.append(class_index[cls])
                 shape = (len(labels), size[0], size[1], 3)
                 raw = (
                     np.memmap(target, dtype=np.uint8, mode="r", shape=shape)
@@ -285,7 +256,7 @@ def _map_member(
                 raise DatasetError(f"cannot read the NPZ file: bad local header for '{member.filename}'")
             f.seek(fields[9] + fields[10], 1)  # file name and extra field
             start = f.tell()
-            shape, fortran, dtype = _read_header(f)
+            shape, fortran, dtype = read_npy_header(f, member.filename.removesuffix(".npy"))
             offset = f.tell()
         if offset - start + int(np.prod(shape)) * dtype.itemsize > member.file_size:
             raise DatasetError(f"cannot read the NPZ file: array '{member.filename}' is truncated")
@@ -300,17 +271,6 @@ def _map_member(
     with zf.open(member) as src, open(target, "wb") as out:
         shutil.copyfileobj(src, out, 1024 * 1024)
     return np.load(target, mmap_mode="r", allow_pickle=False)
-
-
-def _read_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:
-        raise DatasetError(f"unsupported .npy format version {version}")
-    return tuple(int(d) for d in shape), bool(fortran), dtype
 
 
 def _check_x(x: np.ndarray, key: str, *, allow_empty: bool = False) -> None:
@@ -351,28 +311,10 @@ def _build(
                 raise DatasetError(f"'y_{split}' is given without 'x_{split}'")
             continue
         _check_x(xs, f"x_{split}", allow_empty=True)
-        if xs.shape[1:] != x.shape[1:]:
-            raise DatasetError(
-                f"'x_{split}' samples have shape {xs.shape[1:]} but 'x' samples have shape {x.shape[1:]}"
-            )
-        if labeled and ys is None:
-            raise DatasetError(f"'x_{split}' needs its labels 'y_{split}' because 'x' has labels 'y'")
-        if not labeled and ys is not None:
-            raise DatasetError(f"'y_{split}' is given but 'x' has no labels 'y'")
-        given[split] = (LazyRows(xs), check_labels(ys, f"y_{split}", len(xs)) if labeled else None)
+        given[split] = (LazyRows(xs), check_split(split, xs.shape, x.shape, ys, labeled))
 
-    names = check_class_names(class_names) if class_names is not None else None
-    num_classes: int | None = len(names) if names is not None else None
-    if labeled:
-        top = max(int(a.max()) for a in [y] + [v[1] for v in given.values()] if len(a))
-        if num_classes is None:
-            num_classes = top + 1
-        elif top >= num_classes:
-            raise DatasetError(
-                f"label {top} does not index 'class_names', which lists {num_classes} classes (0 to {num_classes - 1})"
-            )
-    if names is None:
-        names = [str(i) for i in range(num_classes)] if num_classes is not None else []
+    labels = [y] + [v[1] for v in given.values()] if y is not None else None
+    names, num_classes = resolve_classes(class_names, labels)
 
     rng = np.random.default_rng(seed)
     missing = [s for s in ("val", "test") if s not in given]

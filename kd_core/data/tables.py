@@ -38,19 +38,10 @@ def load_npz(path: Path, options: dict[str, Any]) -> RawData:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"cannot read the NPZ file: {exc}") from exc
-    if "x" not in arrays:
-        raise DatasetError(
-            f"the NPZ file has no array 'x' (it has: {', '.join(sorted(arrays) + ignored) or 'none'})"
-        )
+    info = npz_info(arrays, ignored)
     x = arrays["x"]
-    warnings = npz_x_notes(x)
     y = arrays.get("y")
     class_names = npz_class_names(arrays)
-    info: dict[str, Any] = {}
-    if ignored:
-        info["ignored_arrays"] = ignored
-    if warnings:
-        info["warnings"] = warnings
     return RawData(
         name=path.stem,
         format="npz",
@@ -66,8 +57,23 @@ def load_npz(path: Path, options: dict[str, Any]) -> RawData:
     )
 
 
+def npz_info(arrays: dict[str, np.ndarray], ignored: list[str]) -> dict[str, Any]:
+    """The upload's info (ignored arrays, warnings) once 'x' is known to be there and not channels-last."""
+    if "x" not in arrays:
+        raise DatasetError(
+            f"the NPZ file has no array 'x' (it has: {', '.join(sorted(arrays) + ignored) or 'none'})"
+        )
+    warnings = npz_x_notes(arrays["x"])
+    info: dict[str, Any] = {}
+    if ignored:
+        info["ignored_arrays"] = ignored
+    if warnings:
+        info["warnings"] = warnings
+    return info
+
+
 def npz_x_notes(x: np.ndarray) -> list[str]:
-    """Refuse channels-last images; warn about 3-D arrays (shared with the lean inspection)."""
+    """Refuse channels-last images; warn about 3-D arrays."""
     warnings = []
     if x.ndim == 4 and x.shape[1] not in (1, 2, 3, 4) and x.shape[3] in (1, 3, 4):
         raise DatasetError(
@@ -99,6 +105,18 @@ def npz_class_names(arrays: dict[str, np.ndarray]) -> list[str] | None:
         raise DatasetError("'class_names' is not valid UTF-8 text") from exc
 
 
+def read_npy_header(f: Any, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype from a .npy header, read without touching the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise DatasetError(f"array '{key}' uses an unsupported .npy format version {version}")
+    return tuple(int(d) for d in shape), bool(fortran), dtype
+
+
 def check_npz_headers(path: Path) -> None:
     """Read every member's .npy header: refuse object arrays and oversized shapes before allocating."""
     if not zipfile.is_zipfile(path):
@@ -118,13 +136,7 @@ def check_npz_headers(path: Path) -> None:
                 if not info.filename.endswith(".npy"):
                     raise DatasetError(f"the NPZ file holds '{info.filename}', which is not a .npy array")
                 with zf.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-                    elif version == (2, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-                    else:
-                        raise DatasetError(f"array '{key}' uses an unsupported .npy format version {version}")
+                    shape, _, dtype = read_npy_header(f, key)
                 if dtype.hasobject:
                     raise DatasetError(
                         f"array '{key}' holds Python objects, which would have to be unpickled; "

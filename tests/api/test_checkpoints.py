@@ -1,5 +1,6 @@
 """POST/GET/DELETE /api/checkpoints/: uploaded teachers, inspected without unpickling; trained models listed."""
 
+import datetime
 import io
 import json
 from pathlib import Path
@@ -66,6 +67,18 @@ def test_garbage_file_gives_reason_and_leaves_nothing(owner_client):
     assert response.status_code == 400
     assert response.json()["error"].startswith("model.safetensors: ")
     assert not Checkpoint.objects.exists()
+    assert stored_files() == []
+
+
+def test_a_refusal_names_the_file_once(owner_client):
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(1), "when": datetime.date(2020, 1, 1)}, buffer)
+    response = owner_client.post("/api/checkpoints/", {"file": upload("evil.pt", buffer.getvalue())})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (
+        error.startswith("evil.pt: the file holds a pickled Python object") and error.count("evil.pt") == 1
+    ), error
     assert stored_files() == []
 
 

@@ -231,6 +231,36 @@ def test_checkpoint_resume_continues_the_same_run(digits, tmp_path):
     assert other.resumed_from_step is None and other.steps == 10
 
 
+def test_a_buffering_sink_is_flushed_before_each_checkpoint(digits, tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+
+    class Buffering(ListSink):
+        """Like a worker's sink: rows count as stored only once flushed."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.flushes: list[tuple[int, bool]] = []
+
+        def flush(self) -> None:
+            self.flushes.append((len(self.rows), ckpt.exists()))
+
+    sink = Buffering()
+    out = train_model(
+        _model(digits),
+        digits,
+        _cfg(),
+        sink=sink,
+        should_stop=_stop_after(7),
+        device="cpu",
+        checkpoint_path=ckpt,
+    )
+    assert out.stopped and ckpt.is_file()
+    # Flushed before the first checkpoint was written, and the last flush held every row (the stop's
+    # validation included): the checkpoint is never ahead of the stored series.
+    assert sink.flushes[0][1] is False
+    assert sink.flushes[-1][0] == len(sink.rows) and any(s == 7 for s, _ in sink.rows)
+
+
 def test_pick_device():
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

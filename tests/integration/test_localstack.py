@@ -11,26 +11,7 @@ import time
 from pathlib import Path
 
 from tests.integration.client import Api
-from tests.stack import ROOT, free_port
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+from tests.stack import ROOT, descendants, free_port
 
 
 def _alive(pid: int) -> bool:
@@ -60,7 +41,7 @@ def _wait_ready(proc: subprocess.Popen, log: Path, timeout: float = 120) -> str:
 
 
 def _stop(proc: subprocess.Popen, state: Path) -> set[int]:
-    started = _descendants(proc.pid)
+    started = set(descendants(proc.pid))
     record = state / "redis" / "redis.json"
     if record.exists():
         started.add(json.loads(record.read_text())["pid"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import PurePath
 from typing import Any
 
@@ -88,7 +90,7 @@ def create_dataset(owner, upload: UploadedFile, name: str | None, options: dict[
     fmt = _extension(upload.name, DATASET_EXTENSIONS, "dataset")
     dataset = Dataset(owner=owner, name=_name(name, PurePath(upload.name).stem), format=fmt, options=options)
     dataset.file.save(upload.name, upload, save=False)  # streamed in chunks to storage
-    try:
+    with _refusing(dataset.file, upload.name, DatasetError):
         dataset.size = dataset.file.size
         if dataset.size > sync_inspect_max_bytes():
             dataset.status = Dataset.INSPECTING
@@ -99,13 +101,31 @@ def create_dataset(owner, upload: UploadedFile, name: str | None, options: dict[
             inspection = inspect_dataset(str(path), options=options)
         dataset.inspection = _jsonable(inspection)
         dataset.save()
-    except DatasetError as exc:
-        delete_quietly(dataset.file.name)
-        raise ApiError(f"{upload.name}: {exc}") from None
-    except BaseException:
-        delete_quietly(dataset.file.name)
-        raise
     return dataset
+
+
+@contextmanager
+def _refusing(field_file: Any, upload_name: str, refusal: type[Exception]) -> Iterator[None]:
+    """On any failure the stored upload is deleted; kd_core's `refusal` becomes an ApiError naming it once."""
+    try:
+        yield
+    except refusal as exc:
+        delete_quietly(field_file.name)
+        raise ApiError(refusal_message(upload_name, PurePath(field_file.name).name, exc)) from None
+    except BaseException:
+        delete_quietly(field_file.name)
+        raise
+
+
+def refusal_message(upload_name: str, stored_name: str, exc: Exception) -> str:
+    """'<upload name>: <reason>'; a reason that opens with the stored file's name does not repeat it."""
+    reason = str(exc)
+    rest = reason[len(stored_name) :] if stored_name and reason.startswith(stored_name) else None
+    if rest is not None and rest.startswith(": "):
+        reason = rest[2:]
+    elif rest is not None and rest.startswith(" "):
+        reason = "the file" + rest  # "evil.pt holds ..." -> "evil.pt: the file holds ..."
+    return f"{upload_name}: {reason}"
 
 
 def _enqueue_inspection(dataset_id: int, file_name: str) -> None:
@@ -198,18 +218,12 @@ def create_checkpoint(
         owner=owner, name=_name(name, PurePath(upload.name).stem), format=fmt, dataset=dataset
     )
     checkpoint.file.save(upload.name, upload, save=False)
-    try:
+    with _refusing(checkpoint.file, upload.name, CheckpointError):
         with local_path(checkpoint.file) as path:
             info = inspect_checkpoint(str(path), arch=arch, input_shape=input_shape, num_classes=num_classes)
         _fill_checkpoint(checkpoint, _jsonable(info))
         checkpoint.size = checkpoint.file.size
         checkpoint.save()
-    except CheckpointError as exc:
-        delete_quietly(checkpoint.file.name)
-        raise ApiError(f"{upload.name}: {exc}") from None
-    except BaseException:
-        delete_quietly(checkpoint.file.name)
-        raise
     return checkpoint
 
 
