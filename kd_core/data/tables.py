@@ -174,10 +174,12 @@ def load_csv(path: Path, options: dict[str, Any]) -> RawData:
             r, c = (int(v) for v in np.argwhere(bad)[0])
             raise DatasetError(csv_nonfinite_message(header[feat_idx[c]], x[r, c], r, lines[r]))
         y, class_names = csv_labels(labels, lines) if label_idx is not None else (None, None)
+        with np.errstate(over="ignore"):  # beyond float32: refused as infinite by the dataset checks
+            x32 = x.astype(np.float32)
     return RawData(
         name=path.stem,
         format="csv",
-        x=x.astype(np.float32),
+        x=x32,
         y=y,
         class_names=class_names,
         fingerprint_options=csv_fingerprint_options(header, label_idx),

@@ -143,6 +143,15 @@ def test_trained_model_is_listed_with_its_experiment(owner, make_experiment, own
     assert len(listed) == 1
     row = listed[0]
     assert row["source_experiment"] == experiment.pk
-    assert row["role"] == "student" and row["format"] == "safetensors"
+    assert row["role"] == "teacher" and row["format"] == "safetensors"  # trained on labels: a teacher
     assert row["num_params"] == PARAMS and row["num_classes"] == 3 and row["input_shape"] == [4]
     assert Path(checkpoint.file.path).read_bytes() == Path(paths["safetensors"]).read_bytes()
+
+
+def test_a_distilled_model_is_listed_as_a_student(owner, make_experiment, owner_client, tmp_path):
+    experiment = make_experiment(owner, status=Experiment.SUCCEEDED, name="kd", config={"kind": "distill"})
+    model = build_model(ARCH, (4,), 3)
+    paths = export_model(model, tmp_path, sample_inputs=torch.randn(2, 4), formats=["safetensors"])
+    register_trained_model(experiment, paths["safetensors"])
+    (row,) = owner_client.get("/api/checkpoints/").json()["checkpoints"]
+    assert row["role"] == "student" and row["source_experiment"] == experiment.pk

@@ -250,7 +250,7 @@ def register_trained_model(experiment: Experiment, path: str) -> Checkpoint:
     metadata). The file is copied into storage, so the checkpoint outlives the experiment's artifacts.
     Calling it again for the same experiment returns the existing row.
     """
-    existing = Checkpoint.objects.filter(source_experiment=experiment, role="student").first()
+    existing = Checkpoint.objects.filter(source_experiment=experiment).first()
     if existing:
         return existing
     from kd_core.checkpoints import inspect_checkpoint
@@ -260,7 +260,8 @@ def register_trained_model(experiment: Experiment, path: str) -> Checkpoint:
         owner_id=experiment.owner_id,
         name=f"{experiment.name} (experiment {experiment.pk})"[:200],
         format="safetensors",
-        role="student",
+        # A model trained on hard labels here is how a user gets a teacher; a distilled one is a student.
+        role="teacher" if experiment.kind == "train" else "student",
         source_experiment=experiment,
         dataset=experiment.dataset,
     )
