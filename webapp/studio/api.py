@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import re
 from typing import Any
@@ -22,6 +23,8 @@ from webapp.studio import services
 from webapp.studio.auth import ApiError, api_view, error, json_body
 from webapp.studio.downsample import downsample
 from webapp.studio.models import Artifact, Checkpoint, Dataset, Experiment, MetricPoint
+
+log = logging.getLogger(__name__)
 
 DOWNLOAD_FORMATS = {"safetensors": "safetensors", "torchscript": "ts", "onnx": "onnx"}
 HEADLINE_METRICS = ("val_acc", "test_acc", "student_params", "teacher_acc", "best_replica")
@@ -158,6 +161,14 @@ def _int_param(request: HttpRequest, key: str, default: int | None, lo: int, hi:
     return value
 
 
+MAX_ID = 2**63 - 1  # the database's bigint range; no row has an id above it
+
+
+def _positive_int(raw: str) -> int | None:
+    """An ASCII decimal integer (str.isdigit() also accepts '²', which int() refuses), else None."""
+    return int(raw) if raw.isascii() and raw.isdigit() else None
+
+
 def _bool_param(request: HttpRequest, key: str) -> bool:
     return request.GET.get(key, "").lower() in ("1", "true", "yes", "on")
 
@@ -190,7 +201,7 @@ def datasets(request: HttpRequest) -> HttpResponse:
         options["label_column"] = label_column
     image_size = request.POST.get("image_size", "").strip()
     if image_size:
-        if not image_size.isdigit():
+        if not _positive_int(image_size):
             raise ApiError(f"'image_size' must be a positive integer; got {image_size!r}")
         options["image_size"] = int(image_size)
     dataset = services.create_dataset(request.user, upload, request.POST.get("name"), options)
@@ -230,9 +241,14 @@ def checkpoints(request: HttpRequest) -> HttpResponse:
     dataset = None
     raw_dataset = request.POST.get("dataset", "").strip()
     if raw_dataset:
-        if not raw_dataset.isdigit():
+        dataset_id = _positive_int(raw_dataset)
+        if dataset_id is None:
             raise ApiError(f"'dataset' must be a dataset id; got {raw_dataset!r}")
-        dataset = Dataset.objects.filter(owner=request.user, pk=int(raw_dataset)).first()
+        dataset = (
+            Dataset.objects.filter(owner=request.user, pk=dataset_id).first()
+            if dataset_id <= MAX_ID
+            else None
+        )
         if dataset is None:
             raise ApiError(f"dataset {raw_dataset} not found among your datasets")
         if dataset.status != Dataset.READY:
@@ -415,7 +431,8 @@ def compare(request: HttpRequest) -> HttpResponse:
         raise ApiError("'ids' is required, e.g. ?ids=1,2,3")
     if len(ids) > MAX_COMPARE:
         raise ApiError(f"compare at most {MAX_COMPARE} experiments at once")
-    found = {e.pk: e for e in Experiment.objects.filter(owner=request.user, pk__in=ids)}
+    in_range = [i for i in ids if 0 < i <= MAX_ID]  # others cannot exist, and the database refuses them
+    found = {e.pk: e for e in Experiment.objects.filter(owner=request.user, pk__in=in_range)}
     missing = [i for i in ids if i not in found]
     if missing:
         raise ApiError(f"experiment {missing[0]} not found", 404)
@@ -458,6 +475,12 @@ def compare(request: HttpRequest) -> HttpResponse:
 # --- health -----------------------------------------------------------------------------------
 
 
+def _health_error(part: str, exc: Exception) -> str:
+    """The reason a part failed: in full while DEBUG, else only its kind (the text names hosts and users)."""
+    log.warning("healthz: %s failed: %s", part, exc)
+    return f"error: {exc}" if settings.DEBUG else f"error: {type(exc).__name__}"
+
+
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
     """200 when the database, Redis and enough Celery workers answer; else 503 naming what failed."""
@@ -468,20 +491,20 @@ def healthz(request: HttpRequest) -> JsonResponse:
             cursor.execute("SELECT 1")
         body["db"] = "ok"
     except Exception as exc:  # noqa: BLE001
-        body["db"] = f"error: {exc}"
+        body["db"] = _health_error("db", exc)
         failed.append("db")
     try:
         redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1).ping()
         body["redis"] = "ok"
     except Exception as exc:  # noqa: BLE001
-        body["redis"] = f"error: {exc}"
+        body["redis"] = _health_error("redis", exc)
         failed.append("redis")
     workers = 0
     if "redis" not in failed or not settings.CELERY_BROKER_URL.startswith(("redis", "rediss")):
         try:
             workers = len(celery_app.control.ping(timeout=0.5) or [])
         except Exception as exc:  # noqa: BLE001
-            body["workers_error"] = str(exc)
+            body["workers_error"] = _health_error("workers", exc)
     body["workers"] = workers
     if workers < settings.KD_HEALTHZ_MIN_WORKERS:
         failed.append("workers")

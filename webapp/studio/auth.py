@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Callable
 
 from channels.auth import AuthMiddlewareStack
@@ -12,11 +13,15 @@ from channels.middleware import BaseMiddleware
 from channels.security.websocket import OriginValidator
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import BadRequest, RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
 from webapp.studio.models import ApiToken
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -90,14 +95,29 @@ def api_view(methods: list[str] | tuple[str, ...]) -> Callable:
                 return error(exc.message, exc.status)
             except Http404 as exc:
                 return error(str(exc) or "not found", 404)
+            except RequestDataTooBig:
+                return error(_too_big_message(), 413)
+            except (SuspiciousOperation, BadRequest, MultiPartParserError) as exc:
+                # Django's own answer would be its HTML 400 page; API clients read JSON.
+                return error(f"bad request: {exc}", 400)
+            except Exception:
+                # Never a traceback or an exception's text: they can name files, settings or SQL.
+                log.exception("unexpected error in %s %s", request.method, request.path)
+                return error("internal server error; the failure was logged", 500)
 
         return wrapper
 
     return decorate
 
 
+def _too_big_message() -> str:
+    return f"the request body is larger than the limit of {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes"
+
+
 def json_body(request: HttpRequest) -> dict:
-    """The request's JSON object body, or ApiError(400) saying why not."""
+    """The request's JSON object body, or ApiError(400, or 413 when too large) saying why not."""
+    if request.content_type.startswith("multipart/"):
+        raise ApiError("send the body as JSON (Content-Type: application/json)")
     try:
         data = json.loads(request.body or b"{}")
     except (ValueError, UnicodeDecodeError) as exc:

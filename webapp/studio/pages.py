@@ -2,7 +2,9 @@
 
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
+
+from webapp.studio.models import Experiment
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -33,6 +35,8 @@ def new_experiment(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def experiment_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    # Another user's experiment and a missing one look the same, as in the API.
+    get_object_or_404(Experiment.objects.only("pk"), pk=pk, owner=request.user)
     return render(request, "experiment_detail.html", {"nav": "experiments", "experiment_id": pk})
 
 
