@@ -34,5 +34,12 @@ app.conf.update(
             "schedule": float(os.environ.get("KD_CLEANUP_EVERY_S", "3600")),
             "options": {"queue": "default"},
         },
+        # Finishes a spread codistillation whose last group died after the others returned (its
+        # message would otherwise wait CELERY_VISIBILITY_TIMEOUT for redelivery).
+        "codistill-watchdog": {
+            "task": "workers.codistill_watchdog",
+            "schedule": float(os.environ.get("KD_CODISTILL_WATCHDOG_EVERY_S", "60")),
+            "options": {"queue": "default", "expires": 60},
+        },
     },
 )

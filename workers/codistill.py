@@ -18,6 +18,11 @@ failed by the one that waits, which then combines without it. Outcome: `succeede
 one replica survives, with `metrics["group_errors"]` naming each lost group and why; `failed`
 only when no group left a replica. `metrics["groups"]` lists, per group, the worker that ran it,
 its start and end time (Unix seconds), steps trained and error, if any.
+
+Nobody waits for the last group to start, so if its worker dies no group is left to notice; the
+`workers.codistill_watchdog` beat task (`settle_abandoned`) then finishes such an experiment the
+same way: every unfinished group stale (or never started within KD_CODISTILL_START_S of the last
+sign of life), the stale ones recorded as lost, combined by `_combine_if_last` under the same lock.
 """
 
 from __future__ import annotations
@@ -49,6 +54,18 @@ def stale_after_s() -> float:
     return value if math.isfinite(value) and value >= 3 * HEARTBEAT_S else 60.0
 
 
+def start_window_s() -> float:
+    """How long a queued group may stay unstarted after the last sign of life before it counts as lost.
+
+    Generous (KD_CODISTILL_START_S, default 6 h): a group legitimately waits behind other jobs in the queue.
+    """
+    try:
+        value = float(os.environ.get("KD_CODISTILL_START_S", "21600"))
+    except ValueError:
+        return 21600.0
+    return max(value, stale_after_s()) if math.isfinite(value) else 21600.0
+
+
 def spread_enabled(exp: Any) -> bool:
     """A codistillation whose config asks for placement "workers" (kd_core runs every other one in-process)."""
     options = (exp.config.get("codistill") or {}) if exp.kind == "codistill" else {}
@@ -65,6 +82,7 @@ def fan_out(exp: Any, folder: Path) -> str:
         marker.unlink()  # an earlier attempt's outcome must not count for this one
     (folder / "combine.lock").unlink(missing_ok=True)
     shutil.rmtree(folder / "progress", ignore_errors=True)
+    (folder / "fanned_out").touch()  # when the groups were queued: the watchdog's start window counts from it
     for g in range(replicas):
         app.send_task("workers.run_codistill_group", args=[exp.pk, g], queue="gpu")
     return f"running: {replicas} codistillation groups queued"
@@ -177,6 +195,8 @@ def run_group(experiment_id: int, group: int, *, hostname: str = "") -> str:
     if exp is None or exp.status != Experiment.RUNNING:
         return "skipped: experiment not running"
     folder = job_dir(exp.pk)
+    if (folder / f"group{group}.json").exists():
+        return "skipped: group already recorded (lost, or a redelivered message)"
     replicas = int((exp.config.get("codistill") or {}).get("replicas", 2))
     worker = hostname or socket.gethostname()
     sink = DbChannelSink(exp.pk)
@@ -214,15 +234,83 @@ def _combine_when_settled(exp: Any, folder: Path, replicas: int) -> str:
         if "running" not in kinds:
             break
         time.sleep(1.0)
+    _record_lost(folder, states)
+    return _combine_if_last(exp, folder)
+
+
+def _record_lost(folder: Path, states: dict[int, tuple[str, dict[str, Any]]], waited_s: float = 0.0) -> None:
+    """Write a "lost" marker for each dead group (and each never-started one, when `waited_s` is given)."""
     for g, (kind, beat) in states.items():
-        if kind == "dead" and not (folder / f"group{g}.json").exists():
+        if (folder / f"group{g}.json").exists():
+            continue
+        if kind == "dead":
             silent = time.time() - float(beat.get("beat") or 0.0)
             _write_marker(folder, g, {
                 "worker": beat.get("worker", ""), "started": beat.get("started"), "finished": None,
                 "error": f"lost: its worker {beat.get('worker') or '?'} stopped reporting {silent:.0f} s ago "
                 f"at {100 * float(beat.get('progress') or 0.0):.0f}% (killed or unreachable)",
             })  # fmt: skip
-    return _combine_if_last(exp, folder)
+        elif kind == "waiting" and waited_s:
+            _write_marker(folder, g, {
+                "worker": "", "started": None, "finished": None,
+                "error": f"lost: it never started in {waited_s:.0f} s (its task was lost or no worker took it)",
+            })  # fmt: skip
+
+
+def _last_sign_of_life(folder: Path, replicas: int, states: dict[int, tuple[str, dict[str, Any]]]) -> float:
+    """Unix time of the fan-out, the latest group end or the latest heartbeat, whichever came last."""
+    times = [(folder / "fanned_out").stat().st_mtime]
+    for g in range(replicas):
+        marker = _read_json(folder / f"group{g}.json") or {}
+        times += [float(marker.get("finished") or 0.0), float(states[g][1].get("beat") or 0.0)]
+    return max(times)
+
+
+def settle_abandoned() -> list[int]:
+    """Finish spread codistillations that no group is left to finish; returns the experiment ids settled.
+
+    One qualifies when every group without an outcome is stale (heartbeat older than
+    KD_CODISTILL_STALE_S) or has not started within KD_CODISTILL_START_S of the last sign of life:
+    typically the last group to start died after the others returned (or every group ended but
+    the last finisher died before combining). A group that is merely slow
+    keeps its heartbeat fresh and is never touched. The combine itself is `_combine_if_last`, whose
+    lock file lets exactly one caller (a finishing group or this) combine; a second run finds the
+    experiment no longer running, so this is safe to repeat.
+    """
+    from webapp.studio.models import Experiment
+    from workers.jobs import job_dir
+
+    close_old_connections()
+    stale_s, start_s = stale_after_s(), start_window_s()
+    settled = []
+    for exp in Experiment.objects.filter(status=Experiment.RUNNING, kind="codistill"):
+        folder = job_dir(exp.pk)
+        if (
+            not spread_enabled(exp)
+            or not (folder / "fanned_out").exists()
+            or (folder / "combine.lock").exists()
+        ):
+            continue  # not fanned out yet (its own task is alive or will be redelivered), or combining now
+        replicas = int((exp.config.get("codistill") or {}).get("replicas", 2))
+        try:
+            states = {g: _group_state(folder, g, stale_s) for g in range(replicas)}
+            kinds = {kind for kind, _ in states.values()}
+            if "running" in kinds:
+                continue
+            waited = time.time() - _last_sign_of_life(folder, replicas, states)
+            if ("waiting" in kinds and waited <= start_s) or (kinds == {"done"} and waited <= stale_s):
+                continue  # queued behind other jobs, or the last finisher is just taking the lock
+            log.warning(
+                "experiment %s: no codistillation group left alive; finishing it without them", exp.pk
+            )
+            _record_lost(folder, states, waited_s=waited)
+            outcome = _combine_if_last(exp, folder)
+        except OSError:
+            log.warning("experiment %s: codistillation folder changed while checked", exp.pk, exc_info=True)
+            continue
+        if outcome in Experiment.FINISHED:
+            settled.append(exp.pk)
+    return settled
 
 
 def _combine_if_last(exp: Any, folder: Path) -> str:

@@ -54,6 +54,14 @@ def cleanup(max_age_hours: float = 24.0) -> int:
     return jobs.cleanup(max_age_s=max_age_hours * 3600)
 
 
+@shared_task(name="workers.codistill_watchdog", ignore_result=True, acks_late=False)
+def codistill_watchdog() -> int:
+    """Finish spread codistillations whose remaining groups all died (see codistill.settle_abandoned)."""
+    from workers import codistill
+
+    return len(codistill.settle_abandoned())
+
+
 @worker_ready.connect
 def requeue_own_orphans(sender=None, **_: object) -> None:
     """A worker restarting under the same name (same container or host) requeues the jobs it was running.

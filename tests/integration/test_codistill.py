@@ -49,14 +49,17 @@ def test_groups_run_as_tasks_exchange_copies_and_combine(api: Api, dataset_id: i
 def two_workers(tmp_path_factory: pytest.TempPathFactory):
     """A stack of its own with two Celery worker processes (concurrency 1 each): one group per worker.
 
-    Its own, because the fault test below SIGKILLs a worker. A group silent for 10 s counts as lost.
+    Its own, because the fault tests below SIGKILL workers. A group silent for 10 s counts as lost;
+    the codistillation watchdog is scheduled every 2 s (for a worker started with beat).
     """
     from tests.stack import ROOT, start_stack
 
     if not (ROOT / "manage.py").exists():
         pytest.skip("the web app (manage.py) is not there yet")
     tmp = tmp_path_factory.mktemp("codistill-2w")
-    stack = start_stack(tmp, workers=2, extra_env={"KD_CODISTILL_STALE_S": "10"})
+    stack = start_stack(
+        tmp, workers=2, extra_env={"KD_CODISTILL_STALE_S": "10", "KD_CODISTILL_WATCHDOG_EVERY_S": "2"}
+    )
     try:
         api = Api(stack.url, stack.make_user("it-codistill", "it-codistill-pw-1234"))
         path = write_digits_npz(tmp / "digits.npz")
@@ -134,3 +137,49 @@ def test_a_group_whose_worker_is_killed_does_not_stall_the_other(two_workers) ->
     assert exp["metrics"]["best_replica"] == 1 - dead and f"replica{dead}_val_acc" not in exp["metrics"]
     replicas = {a["replica"] for a in exp["artifacts"]}
     assert replicas == {None, 1 - dead}
+
+
+def test_a_last_group_lost_after_the_others_returned_is_settled_by_the_watchdog(two_workers) -> None:
+    """Two groups, one worker: group 0 returns before group 1 starts, then group 1's worker is killed.
+
+    No group is left to notice; the beat watchdog on a freshly started worker finishes the experiment.
+    """
+    import secrets
+
+    from tests.stack import WORKER_CMD
+    from webapp.localstack import BEAT_ARGS
+
+    stack, api, dataset = two_workers
+    stack.kill("worker1")  # one worker left (the kill test above may have done it): groups run in turn
+    total = 3000
+    experiment_id = api.post("/api/experiments/", _config(dataset, "it-codistill-watchdog", total))["id"]
+    deadline = time.monotonic() + 90
+    while "replica1/train/loss" not in api.get(f"/api/experiments/{experiment_id}/metrics/")["series"]:
+        assert time.monotonic() < deadline, api.get(f"/api/experiments/{experiment_id}/")
+        time.sleep(0.1)
+    # Group 1 trains, so group 0 has returned without combining: it left that to group 1.
+    assert api.get(f"/api/experiments/{experiment_id}/")["status"] == "running"
+    killed = _node(stack.nodes["worker"])
+    stack.kill("worker")
+    cmd = list(WORKER_CMD)
+    cmd[cmd.index("-n") + 1] = f"watchdog-{secrets.token_hex(3)}@%h"  # a new name: no orphan requeue
+    stack._spawn("watchdog", cmd + [a.replace("{state}", str(stack.tmp_dir)) for a in BEAT_ARGS])
+    exp = wait_for(api, experiment_id, timeout=60)
+    assert exp["status"] == "succeeded", exp
+    groups = {g["group"]: g for g in exp["metrics"]["groups"]}
+    assert groups[0]["error"] is None and groups[0]["steps"] == total, groups
+    assert _node(groups[1]["worker"]) == killed and groups[1]["finished"] is None, groups
+    (error,) = exp["metrics"]["group_errors"]
+    assert error.startswith("group 1: lost") and killed in error, error
+    # Only a stale heartbeat counts: the group was silent for at least the 10 s window.
+    assert int(error.split("stopped reporting ")[1].split(" s ago")[0]) >= 10, error
+    assert exp["metrics"]["best_replica"] == 0 and "replica1_val_acc" not in exp["metrics"]
+    assert {a["replica"] for a in exp["artifacts"]} == {None, 0}
+    # Idempotent: the watchdog keeps running every 2 s and leaves the finished experiment as it is.
+    time.sleep(4.5)
+    again = api.get(f"/api/experiments/{experiment_id}/")
+    assert (again["status"], again["metrics"], again["finished"]) == (
+        exp["status"],
+        exp["metrics"],
+        exp["finished"],
+    )
