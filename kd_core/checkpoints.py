@@ -1,4 +1,9 @@
-"""Loading untrusted model files (safetensors, state dicts, TorchScript, ONNX): the only place that does."""
+"""Loading untrusted model files (safetensors, state dicts, TorchScript, ONNX): the only place that does.
+
+Weights (safetensors, `.pt` state dicts read with weights_only after kd_core.file_guards.check_torch_zip)
+are read in this process. TorchScript and ONNX are programs: they are loaded, checked and run only in a
+sandboxed child process (kd_core/sandbox.py); a `Teacher` for them is a proxy to that child.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,7 @@ import hashlib
 import json
 import math
 import re
-import warnings
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ import torch
 from torch import nn
 
 from kd_core.errors import CheckpointError, ConfigError
+from kd_core.file_guards import check_torch_zip, refuse_onnx_external_data
 from kd_core.models import KDModel, build_model, count_params, full_spec
+from kd_core.sandbox import SandboxedModel, SandboxLimits
 
 FORMATS = ("safetensors", "state_dict", "torchscript", "onnx")
 # The metadata keys our exports write (JSON-encoded strings); everything else is ignored.
@@ -27,10 +32,17 @@ TS_META_FILE = "kd_studio.json"
 # Bounds the memory of one teacher forward pass however large the input.
 EVAL_BATCH = 4096
 _ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+# ONNX operator domains onnxruntime implements itself; a custom domain would need a native library.
+_ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
 
 class Teacher:
-    """One interface over every teacher format: `logits(x)` under no_grad, dropout off."""
+    """One interface over every teacher format: `logits(x)` under no_grad, dropout off.
+
+    A TorchScript or ONNX teacher runs in its sandbox child (`sandbox`, on CPU there; outputs follow x's
+    device). Close it with close() or a `with` block; a dropped teacher's child is ended at garbage
+    collection or exit anyway.
+    """
 
     def __init__(
         self,
@@ -38,7 +50,7 @@ class Teacher:
         format: str,
         fingerprint: str,
         module: nn.Module | None = None,
-        session: Any = None,
+        sandbox: SandboxedModel | None = None,
         input_shape: tuple[int, ...] | None = None,
         num_classes: int | None = None,
         num_params: int | None = None,
@@ -53,28 +65,41 @@ class Teacher:
         self.spec = spec
         self.class_names = class_names
         self._module = module
-        self._session = session
+        self._sandbox = sandbox
         self._device = torch.device("cpu")
         self._batch = EVAL_BATCH
+        self._onnx_fixed_batch: int | None = None
         if module is not None:
             module.eval()
             for p in module.parameters():
                 p.requires_grad_(False)
-        if session is not None:
-            inp = session.get_inputs()[0]
-            self._onnx_input = inp.name
-            self._onnx_output = _pick_onnx_output(session)
-            self._onnx_dtype = _ONNX_DTYPES[inp.type]
-            # A graph exported with a fixed batch size takes exactly that many rows.
+        if sandbox is not None and format == "onnx":
+            first = sandbox.info["inputs"][0]["shape"]
             self._onnx_fixed_batch = (
-                inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+                first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
             )
             if self._onnx_fixed_batch:
                 self._batch = self._onnx_fixed_batch
 
     @property
+    def sandboxed(self) -> bool:
+        """True when this teacher runs in a sandbox child (TorchScript, ONNX)."""
+        return self._sandbox is not None
+
+    def close(self) -> None:
+        """End the sandbox child, if any; the teacher cannot run afterwards. Idempotent."""
+        if self._sandbox is not None:
+            self._sandbox.close()
+
+    def __enter__(self) -> Teacher:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
     def module(self) -> nn.Module | None:
-        """The torch module (None for ONNX, which runs in onnxruntime)."""
+        """The torch module of a weights teacher (None for TorchScript/ONNX, which run in the sandbox)."""
         return self._module
 
     @property
@@ -82,7 +107,7 @@ class Teacher:
         return self._device
 
     def to(self, device: torch.device | str) -> Teacher:
-        """Move a torch teacher to `device`; an ONNX teacher stays on CPU (outputs still follow x)."""
+        """Move a torch teacher to `device`; a sandboxed or ONNX teacher stays on CPU (outputs still follow x)."""
         if self._module is not None:
             self._device = torch.device(device)
             self._module.to(self._device)
@@ -107,7 +132,10 @@ class Teacher:
         parts = []
         with torch.no_grad():
             for part in x.split(self._batch) if x.shape[0] else [x]:
-                parts.append(self._run_onnx(part) if self._session is not None else self._run_module(part))
+                if self._sandbox is not None:
+                    parts.append(self._run_sandbox(part))
+                else:
+                    parts.append(self._run_module(part))
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
         return out.to(x.device)
 
@@ -124,19 +152,23 @@ class Teacher:
             out = out["logits"]
         return _check_logits(out, part.shape[0]).float()
 
-    def _run_onnx(self, part: torch.Tensor) -> torch.Tensor:
-        arr = part.detach().to("cpu", torch.float32).numpy().astype(self._onnx_dtype, copy=False)
+    def _run_sandbox(self, part: torch.Tensor) -> torch.Tensor:
+        arr = part.detach().to("cpu", torch.float32).numpy()
         rows = arr.shape[0]
         if self._onnx_fixed_batch and rows != self._onnx_fixed_batch:
             pad = np.zeros((self._onnx_fixed_batch - rows, *arr.shape[1:]), dtype=arr.dtype)
             arr = np.concatenate([arr, pad])
         try:
-            (out,) = self._session.run([self._onnx_output], {self._onnx_input: arr})
-        except Exception as e:  # onnxruntime raises its own exception types
+            out = self._sandbox.forward(arr)
+        except CheckpointError as e:
             raise CheckpointError(
-                f"the ONNX teacher failed on a batch of shape {arr.shape}: {_short(e)}"
+                f"the teacher failed on a batch of shape {tuple(part.shape)}: {e}"
             ) from None
-        return _check_logits(torch.from_numpy(np.asarray(out, dtype=np.float32))[:rows], rows)
+        if out.ndim != 2 or out.shape[0] != arr.shape[0] or out.shape[1] < 1:
+            raise CheckpointError(
+                f"the teacher must return logits of shape (batch, classes); it returned {tuple(out.shape)}"
+            )
+        return _check_logits(torch.from_numpy(out[:rows]), rows)
 
     def probe(self, input_shape: tuple[int, ...]) -> None:
         """Run two zero samples of `input_shape` to learn the input shape and class count."""
@@ -168,11 +200,6 @@ def _check_logits(out: Any, rows: int) -> torch.Tensor:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise CheckpointError(f"the teacher must return logits of shape (batch, classes); it returned {got}")
     return out
-
-
-def _pick_onnx_output(session: Any) -> str:
-    names = [o.name for o in session.get_outputs()]
-    return "logits" if "logits" in names else names[0]
 
 
 def _short(e: BaseException, limit: int = 300) -> str:
@@ -252,8 +279,18 @@ def _check_meta_value(key: str, value: Any, source: str) -> Any:
             raise bad
         return value
     if key == "class_names":
-        if not isinstance(value, list) or len(value) > 100_000 or not all(isinstance(c, str) for c in value):
+        from kd_core.limits import MAX_CLASSES, name_problem  # the bounds datasets have too
+
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
             raise bad
+        if len(value) > MAX_CLASSES:
+            raise CheckpointError(
+                f"{source}: its metadata lists {len(value)} class names; at most {MAX_CLASSES} are allowed"
+            )
+        for i, name in enumerate(value):
+            problem = name_problem(name, f"class name {i} in its metadata")
+            if problem:
+                raise CheckpointError(f"{source}: {problem}")
         return value
     if key == "preprocessing":
         if not isinstance(value, dict):
@@ -284,6 +321,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    # Compressed members (a deflate bomb) or a huge inflated size are refused before torch.load reads any.
+    check_torch_zip(path, path.name)
     try:
         # weights_only=True is the whole point: a pickled object is refused before anything in it runs.
         obj = torch.load(path, weights_only=True, map_location="cpu")
@@ -425,93 +464,69 @@ def _load_weights_teacher(
     )
 
 
-def _load_torchscript(path: Path) -> Teacher:
-    extra = {TS_META_FILE: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as e:
-        raise CheckpointError(f"{path.name} is not a readable TorchScript file: {_short(e)}") from None
+def _parse_ts_meta(text: str, source: str) -> dict[str, Any]:
     raw: dict[str, Any] = {}
-    if extra[TS_META_FILE]:
+    if text:
         try:
-            raw = json.loads(extra[TS_META_FILE])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path.name}: its {TS_META_FILE} is not valid JSON") from None
+            raw = json.loads(text)
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{source}: its {TS_META_FILE} is not valid JSON") from None
         if not isinstance(raw, dict):
-            raise CheckpointError(f"{path.name}: its {TS_META_FILE} must be a JSON object")
-    meta = _parse_meta(raw, path.name)
-    return Teacher(
-        format="torchscript",
-        fingerprint=fingerprint_file(path),
-        module=module,
-        input_shape=meta["input_shape"],
-        num_classes=meta["num_classes"],
-        num_params=meta["num_params"] or count_params(module),
-        spec=meta["spec"],
-        class_names=meta["class_names"],
-    )
+            raise CheckpointError(f"{source}: its {TS_META_FILE} must be a JSON object")
+    return _parse_meta(raw, source)
 
 
-def _onnx_tensors(graph: Any) -> Iterator[Any]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
+def _load_torchscript(path: Path, limits: SandboxLimits | None) -> Teacher:
+    # Read, op-checked and run only in the sandbox child; this process never parses the archive's code.
+    sandbox = SandboxedModel(path.read_bytes(), "torchscript", source=path.name, limits=limits)
+    try:
+        meta = _parse_ts_meta(str(sandbox.info.get("meta") or ""), path.name)
+        num_params = sandbox.info.get("num_params")
+        return Teacher(
+            format="torchscript",
+            fingerprint=fingerprint_file(path),
+            sandbox=sandbox,
+            input_shape=meta["input_shape"],
+            num_classes=meta["num_classes"],
+            num_params=meta["num_params"] or (int(num_params) if _pos_int(num_params) else None),
+            spec=meta["spec"],
+            class_names=meta["class_names"],
+        )
+    except BaseException:
+        sandbox.close()
+        raise
 
 
-def _node_tensors(node: Any) -> Iterator[Any]:
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("g"):
-            yield from _onnx_tensors(attr.g)
-        for g in attr.graphs:
-            yield from _onnx_tensors(g)
+def _refuse_foreign_onnx_ops(proto: Any, source: str) -> None:
+    """Every node of every graph and function must be an operator onnxruntime implements itself."""
+    local = {(f.domain, f.name) for f in proto.functions}
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.domain not in _ONNX_DOMAINS and (node.domain, node.op_type) not in local:
+                raise CheckpointError(
+                    f"{source} uses operator {node.op_type!r} of domain {node.domain[:80]!r}; only standard "
+                    "ONNX and onnxruntime operators are run"
+                )
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
 
 
-def _load_onnx(path: Path) -> Teacher:
+def _load_onnx(path: Path, limits: SandboxLimits | None) -> Teacher:
     import onnx
-    import onnxruntime as ort
 
     data = path.read_bytes()
     try:
+        # Parsing the protobuf is data only; the graph itself runs in the sandbox child.
         proto = onnx.ModelProto.FromString(data)
     except Exception as e:
         raise CheckpointError(f"{path.name} is not a readable ONNX model: {_short(e)}") from None
-    tensors = list(_onnx_tensors(proto.graph))
-    for fn in proto.functions:
-        for node in fn.node:
-            tensors.extend(_node_tensors(node))
-    # External data names files on this machine: never let an upload read them.
-    if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors):
-        raise CheckpointError(
-            f"{path.name} keeps its weights in external data files, which are not loaded here; "
-            "export it with the weights inside the .onnx file"
-        )
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        # From bytes, not the path: relative file references have nothing to resolve against.
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise CheckpointError(f"{path.name} is not a runnable ONNX model: {_short(e)}") from None
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise CheckpointError(f"{path.name} must take exactly one input (a batch); it takes {len(inputs)}")
-    if inputs[0].type not in _ONNX_DTYPES:
-        raise CheckpointError(f"{path.name} takes {inputs[0].type}; a teacher must take float input")
-    dims = list(inputs[0].shape)
-    rest = dims[1:]
-    input_shape = tuple(rest) if rest and all(isinstance(d, int) and d > 0 for d in rest) else None
-    out_shape = next(o.shape for o in session.get_outputs() if o.name == _pick_onnx_output(session))
-    num_classes = (
-        out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) and out_shape[1] > 0 else None
-    )
+    # External data names files on the machine that loads the model: refused wherever it appears.
+    refuse_onnx_external_data(proto, path.name)
+    _refuse_foreign_onnx_ops(proto, path.name)
     meta = _parse_meta({p.key: p.value for p in proto.metadata_props}, path.name)
     float_types = (
         onnx.TensorProto.FLOAT,
@@ -520,16 +535,35 @@ def _load_onnx(path: Path) -> Teacher:
         onnx.TensorProto.BFLOAT16,
     )
     num_params = sum(math.prod(t.dims) for t in proto.graph.initializer if t.data_type in float_types)
-    return Teacher(
-        format="onnx",
-        fingerprint=fingerprint_file(path),
-        session=session,
-        input_shape=input_shape or meta["input_shape"],
-        num_classes=num_classes or meta["num_classes"],
-        num_params=meta["num_params"] or num_params,
-        spec=meta["spec"],
-        class_names=meta["class_names"],
-    )
+    del proto
+    sandbox = SandboxedModel(data, "onnx", source=path.name, limits=limits)
+    try:
+        inputs = sandbox.info["inputs"]
+        if len(inputs) != 1:
+            raise CheckpointError(
+                f"{path.name} must take exactly one input (a batch); it takes {len(inputs)}"
+            )
+        if inputs[0]["type"] not in _ONNX_DTYPES:
+            raise CheckpointError(
+                f"{path.name} takes {str(inputs[0]['type'])[:40]}; a teacher must take float input"
+            )
+        rest = list(inputs[0]["shape"])[1:]
+        input_shape = tuple(rest) if rest and all(_pos_int(d) for d in rest) else None
+        out_shape = sandbox.info["output"]["shape"]
+        num_classes = out_shape[1] if len(out_shape) == 2 and _pos_int(out_shape[1]) else None
+        return Teacher(
+            format="onnx",
+            fingerprint=fingerprint_file(path),
+            sandbox=sandbox,
+            input_shape=input_shape or meta["input_shape"],
+            num_classes=num_classes or meta["num_classes"],
+            num_params=meta["num_params"] or num_params,
+            spec=meta["spec"],
+            class_names=meta["class_names"],
+        )
+    except BaseException:
+        sandbox.close()
+        raise
 
 
 def _arch(arch: dict | None) -> dict | None:
@@ -555,18 +589,28 @@ def load_teacher(
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
     preprocessing: dict | None = None,
+    sandbox_limits: SandboxLimits | None = None,
 ) -> Teacher:
-    """Load any supported teacher file; what the file says wins over the arguments (dataset hints)."""
+    """Load any supported teacher file; what the file says wins over the arguments (dataset hints).
+
+    TorchScript and ONNX teachers run in a sandbox child under `sandbox_limits` (default: SandboxLimits(),
+    from KD_SANDBOX_* variables); close the teacher when done with it.
+    """
     path = Path(path)
     fmt = detect_format(path)
     if fmt in ("safetensors", "state_dict"):
         return _load_weights_teacher(path, fmt, arch, input_shape, num_classes, preprocessing)
-    teacher = _load_torchscript(path) if fmt == "torchscript" else _load_onnx(path)
-    hint = _shape_arg(input_shape)
-    if teacher.input_shape is None and hint is not None:
-        _probe(teacher, hint)
-    elif teacher.num_classes is None and teacher.input_shape is not None:
-        _probe(teacher, teacher.input_shape)
+    loader = _load_torchscript if fmt == "torchscript" else _load_onnx
+    teacher = loader(path, sandbox_limits)
+    try:
+        hint = _shape_arg(input_shape)
+        if teacher.input_shape is None and hint is not None:
+            _probe(teacher, hint)
+        elif teacher.num_classes is None and teacher.input_shape is not None:
+            _probe(teacher, teacher.input_shape)
+    except BaseException:
+        teacher.close()
+        raise
     return teacher
 
 
@@ -583,12 +627,21 @@ def inspect_checkpoint(
     arch: dict | None = None,
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
+    sandbox_limits: SandboxLimits | None = None,
 ) -> dict[str, Any]:
-    """What an uploaded file holds, without a dataset: format, sizes and spec; unknowns are None."""
+    """What an uploaded file holds, without a dataset: format, sizes and spec; unknowns are None.
+
+    TorchScript and ONNX files are read (and probed on `input_shape`) only in a sandbox child, which is
+    closed before this returns. A known class count that differs from `num_classes` is refused.
+    """
     path = Path(path)
     fmt = detect_format(path)
     if fmt in ("torchscript", "onnx"):
-        return load_teacher(path, input_shape=input_shape, num_classes=num_classes).describe()
+        with load_teacher(
+            path, input_shape=input_shape, num_classes=num_classes, sandbox_limits=sandbox_limits
+        ) as teacher:
+            info = teacher.describe()
+        return _refuse_other_classes(info, num_classes, path.name)
     if fmt == "safetensors":
         tensors, meta = _read_safetensors(path)
     else:
@@ -601,7 +654,7 @@ def inspect_checkpoint(
         # Enough to rebuild: check the weights against the arch now, not when a job starts.
         model = _model_from_weights(tensors, spec, shape, classes, meta["preprocessing"], path.name)
         num_params, classes = count_params(model), model.num_classes
-    return {
+    info = {
         "format": fmt,
         "num_params": num_params,
         "input_shape": list(shape) if shape is not None else None,
@@ -609,6 +662,14 @@ def inspect_checkpoint(
         "spec": spec,
         "class_names": meta["class_names"],
     }
+    return _refuse_other_classes(info, num_classes, path.name)
+
+
+def _refuse_other_classes(info: dict[str, Any], num_classes: int | None, source: str) -> dict[str, Any]:
+    """A file sized against a dataset (`num_classes` given) must have that many classes when it says."""
+    if num_classes is not None and info["num_classes"] is not None and info["num_classes"] != num_classes:
+        raise CheckpointError(f"{source} has {info['num_classes']} classes; the dataset has {num_classes}")
+    return info
 
 
 def check_teacher_fits(teacher: Teacher, dataset: Any) -> None:

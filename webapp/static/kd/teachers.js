@@ -101,7 +101,8 @@ async function loadList() {
       el("td", {}, el("a", { href: "#", text: c.name, onclick: (e) => { e.preventDefault(); showFound(c); } })),
       el("td", { class: "hide-sm", text: c.format ?? "–" }), el("td", { class: "num", text: fmtCount(c.num_params) }),
       el("td", { class: "mono hide-sm", text: shape(c.input_shape) }), el("td", { class: "num hide-sm", text: c.num_classes ?? "–" }),
-      el("td", { class: "hide-sm" }, c.source_experiment ? el("a", { href: `/experiments/${c.source_experiment}/`, text: `experiment #${c.source_experiment}` }) : "uploaded"),
+      el("td", { class: "hide-sm" }, c.source_experiment ? el("a", { href: `/experiments/${c.source_experiment}/`, text: `experiment #${c.source_experiment}` })
+        : c.status === "inspecting" ? "uploaded, being inspected…" : c.status === "failed" ? el("span", { class: "error", text: `refused: ${c.error}` }) : "uploaded"),
       el("td", { class: "num" },
         el("a", { class: "btn small secondary", href: `/experiments/new/?kind=distill&teacher=${c.id}`, text: "Distill" }), " ",
         c.source_experiment ? null : el("button", { class: "btn small danger", type: "button", text: "Delete", onclick: async () => {
