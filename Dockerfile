@@ -38,7 +38,9 @@ COPY . .
 COPY --from=assets /app/node_modules ./node_modules
 USER kd
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "webapp.asgi:application"]
+CMD ["uvicorn", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "off", "--http", "h11", \
+     "--ws", "websockets-sansio", "--ws-max-size", "65536", "--no-proxy-headers", \
+     "--timeout-graceful-shutdown", "10", "webapp.asgi:application"]
 
 FROM torch-cuda AS cuda
 COPY pyproject.toml README.md ./

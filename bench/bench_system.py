@@ -3,7 +3,7 @@
 - submit -> first metric: from POST /api/experiments/ until the first metric message reaches a WebSocket client;
 - metric latency: from the trainer handing a metric to the sink (the message's `time`) to a client receiving it
   (the sink batches about every 0.5 s by design, so this includes the batching wait);
-- upload memory: the web (daphne) process's resident memory while a 1 GiB NPZ is streamed to
+- upload memory: the web (uvicorn) process's resident memory while a 1 GiB NPZ is streamed to
   POST /api/datasets/ (receiving) and until it answers (VmRSS sampled every 20 ms, VmHWM at the end); a file
   above KD_SYNC_INSPECT_MAX_BYTES (64 MiB) is then inspected by the worker: its processes' peak RSS and the
   time until the dataset is ready.

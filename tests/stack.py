@@ -1,4 +1,4 @@
-"""Start a real KD Studio stack for tests (own DB, Redis, Celery worker, daphne) and stop it cleanly.
+"""Start a real KD Studio stack for tests (own DB, Redis, Celery worker, uvicorn) and stop it cleanly.
 
 Usage::
 
@@ -13,7 +13,7 @@ What it starts, each in its own process group (so stop() kills children too):
   database `kd_it_<random>` on that server (dropped on stop); `manage.py migrate` runs in a subprocess;
 - Redis: REDIS_URL's server with a database number of its own (locked, flushed at start and stop), or,
   when REDIS_URL is unset, a private redis-server from `webapp/redis_server.py`;
-- one Celery worker and daphne, with the very commands docker-compose.yml runs (WORKER_CMD, WEB_CMD);
+- one Celery worker and the web server (uvicorn), with the very commands docker-compose.yml runs (WORKER_CMD, WEB_CMD);
 and waits until `/healthz` reports at least one live worker. MEDIA_ROOT and KD_STATE_DIR are in `tmp_dir`;
 jobs save resumable checkpoints every 2 s (KD_CHECKPOINT_EVERY_S). `extra_env` adds or overrides variables.
 Process logs go to `tmp_dir/logs/*.log`; a failed start raises with their tails. The processes also die
@@ -44,7 +44,13 @@ BIN = Path(sys.executable).parent
 # The production commands (docker-compose.yml runs these; tests/integration/test_compose.py checks it).
 WORKER_CMD = ["celery", "-A", "webapp", "worker", "-Q", "gpu,default", "--pool", "prefork", "--concurrency", "1",
               "-n", "it@%h", "--loglevel", "INFO"]  # fmt: skip
-WEB_CMD = ["daphne", "-b", "127.0.0.1", "-p", "{port}", "webapp.asgi:application"]
+# uvicorn reads a request body only as the app asks for it, so webapp/body_guard.py can refuse one unread.
+# --http h11: headers are capped (16 KiB; httptools let one endless header line grow the process without
+# bound). --ws-max-size: the socket takes only small client messages (pings). --no-proxy-headers: the client
+# address is the peer's, never an X-Forwarded-For a local caller wrote (login throttling counts per address).
+WEB_CMD = ["uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--lifespan", "off", "--http", "h11",
+           "--ws", "websockets-sansio", "--ws-max-size", "65536", "--no-proxy-headers",
+           "--timeout-graceful-shutdown", "10", "webapp.asgi:application"]  # fmt: skip
 
 
 def descendants(pid: int) -> list[int]:

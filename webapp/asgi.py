@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP to Django (static files by WhiteNoise), WebSocket through origin check and auth."""
+"""ASGI entry point (served by uvicorn): HTTP through the body guard to Django, WebSocket through origin check and auth."""
 
 import os
 
@@ -10,15 +10,14 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from webapp.daphne_tweaks import stop_twisted_form_parsing  # noqa: E402
+from webapp.body_guard import BodyGuard  # noqa: E402
 from webapp.studio.auth import WebSocketAuthStack, websocket_origin_validator  # noqa: E402
 from webapp.studio.routing import websocket_urlpatterns  # noqa: E402
 
-stop_twisted_form_parsing()  # else daphne's Twisted parses every multipart upload in memory first
-
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Oversized or unauthenticated bodies are refused before the server reads them (webapp/body_guard.py).
+        "http": BodyGuard(django_asgi_app),
         "websocket": websocket_origin_validator(WebSocketAuthStack(URLRouter(websocket_urlpatterns))),
     }
 )

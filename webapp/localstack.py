@@ -1,4 +1,4 @@
-"""`make run`: the whole system on one machine (own Redis, SQLite, demo data, one worker, daphne) until Ctrl-C.
+"""`make run`: the whole system on one machine (own Redis, SQLite, demo data, one worker, uvicorn) until Ctrl-C.
 
 Everything lives in the state folder (KD_STATE_DIR, default `var/`): the SQLite database, uploads,
 Redis's append-only file, and `demo-login.json`. A second run reuses all of it. Only the processes this
@@ -25,7 +25,13 @@ BIN = Path(sys.executable).parent
 # The same commands docker-compose.yml and the integration tests run.
 WORKER_CMD = ["celery", "-A", "webapp", "worker", "-Q", "gpu,default", "--pool", "prefork", "--concurrency", "1",
               "-n", "local@%h", "--loglevel", "INFO"]  # fmt: skip
-WEB_CMD = ["daphne", "-b", "127.0.0.1", "-p", "{port}", "webapp.asgi:application"]
+# uvicorn reads a request body only as the app asks for it, so webapp/body_guard.py can refuse one unread.
+# --http h11: headers are capped (16 KiB; httptools let one endless header line grow the process without
+# bound). --ws-max-size: the socket takes only small client messages (pings). --no-proxy-headers: the client
+# address is the peer's, never an X-Forwarded-For a local caller wrote (login throttling counts per address).
+WEB_CMD = ["uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--lifespan", "off", "--http", "h11",
+           "--ws", "websockets-sansio", "--ws-max-size", "65536", "--no-proxy-headers",
+           "--timeout-graceful-shutdown", "10", "webapp.asgi:application"]  # fmt: skip
 # The single local worker also runs Celery beat (webapp/celery.py's beat_schedule: housekeeping);
 # docker-compose.yml runs beat as its own service instead.
 BEAT_ARGS = ["-B", "-s", "{state}/celerybeat-schedule"]

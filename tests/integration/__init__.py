@@ -1,1 +1,1 @@
-"""Integration tests: a real Redis, Celery worker process, daphne server and WebSocket client."""
+"""Integration tests: a real Redis, Celery worker process, web server (uvicorn) and WebSocket client."""

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    """A running stack (DB, Redis, one Celery worker, daphne) shared by the whole session."""
+    """A running stack (DB, Redis, one Celery worker, uvicorn) shared by the whole session."""
     if not (ROOT / "manage.py").exists():
         pytest.skip("the web app (manage.py) is not there yet")
     # Uploads above 1 MiB are inspected by the worker (workers.inspect_upload), so a test can reach

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from webapp import localstack
 yaml = pytest.importorskip("yaml")
 
 # Options whose values are per deployment (bind address, port, queues, node name, pool size).
-VARIABLE = {"-b", "-p", "-Q", "-n", "--concurrency"}
+VARIABLE = {"--host", "--port", "-Q", "-n", "--concurrency"}
 
 
 def shape(cmd: list[str]) -> list[str]:
@@ -33,7 +34,7 @@ def test_services_run_the_tested_commands(compose: dict) -> None:
     services = compose["services"]
     assert shape(services["web"]["command"]) == shape(WEB_CMD)
     assert (
-        option(services["web"]["command"], "-b") == "0.0.0.0"
+        option(services["web"]["command"], "--host") == "0.0.0.0"
     )  # inside its container; published on loopback
     for name, queue in (("worker-cpu", "default"), ("worker-gpu", "gpu"), ("worker-train-cpu", "gpu")):
         cmd = services[name]["command"]
@@ -94,3 +95,25 @@ def test_beat_schedules_housekeeping_once(compose: dict) -> None:
     entry = app.conf.beat_schedule["cleanup"]
     assert entry["task"] == "workers.cleanup" and entry["options"]["queue"] == "default"
     assert services["worker-cpu"]["command"][services["worker-cpu"]["command"].index("-Q") + 1] == "default"
+
+
+def test_passwords_are_required_never_defaulted() -> None:
+    """PostgreSQL and Redis passwords, like SECRET_KEY, must be given: `${VAR:?message}`, no fallback."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "kd-change-me" not in text
+    for name in ("SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD"):
+        parts = text.split("${")
+        # `$${...}` is the container's own shell expanding its variable, not compose.
+        uses = [
+            part for before, part in zip(parts, parts[1:]) if part.startswith(name) and before[-1:] != "$"
+        ]
+        assert uses, name
+        for use in uses:
+            assert use.startswith(f"{name}:?"), f"${{{use[:60]}"
+
+
+def test_the_image_runs_the_tested_web_command() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    start = dockerfile.index('CMD ["uvicorn"')
+    cmd = json.loads(dockerfile[start + 4 : dockerfile.index("]", start) + 1].replace("\\\n", ""))
+    assert shape(cmd) == shape(WEB_CMD)

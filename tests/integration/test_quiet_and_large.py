@@ -71,7 +71,7 @@ def test_a_quiet_socket_stays_open_and_still_delivers(live_stack: Stack, api: Ap
     np.savez(path, x=rng.normal(size=(200, 8)).astype(np.float32), y=np.arange(200) % 2)
     dataset_id = api.upload("/api/datasets/", {"name": "quiet"}, path)["id"]
     busy_config = {"kind": "train", "name": "it-busy", "dataset": dataset_id, "model": {"arch": "mlp", "hidden": [8]},
-                   "epochs": 100000, "log_every": 50}  # fmt: skip
+                   "epochs": 15000, "log_every": 50}  # fmt: skip
     busy = api.post("/api/experiments/", busy_config)["id"]
     try:
         wait_for_metrics(api, busy)  # the single worker is now taken: the next job waits in the queue
@@ -96,14 +96,14 @@ def _hwm(pid: int) -> int:
 def test_the_web_process_does_not_hold_an_upload_many_times_over(
     live_stack: Stack, api: Api, tmp_path: Path
 ) -> None:
-    """Twisted parsed multipart bodies in memory (~13x the file) before Django; webapp/daphne_tweaks.py stops it."""
+    """The server hands Django the body in pieces, which Django streams to disk; nothing holds it whole."""
     path = tmp_path / "forty.npz"
     np.savez(path, x=np.ones((10_000, 1000), dtype=np.float32), y=np.arange(10_000) % 2)  # 40 MB
     size = path.stat().st_size
     before = _hwm(live_stack.procs["web"].pid)
     body = api.upload("/api/datasets/", {"name": "forty"}, path)
     grew = _hwm(live_stack.procs["web"].pid) - before
-    # daphne hands the body over in one go (about its size); Twisted's parse alone took ten times more.
+    # daphne with Twisted's form parsing took about 13x the file; even daphne without it held the body once.
     assert grew < 3 * size, (
         f"the web process grew by {grew / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB upload"
     )
