@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kd_core.errors import DatasetError
+from kd_core.limits import MAX_CLASSES, name_problem
 
 if TYPE_CHECKING:
     import torch
 
 # Caps on what an uploaded file may make us hold in memory; tests and deployments may lower them.
 MAX_ARRAY_BYTES = 2 * 1024**3
-MAX_CLASSES = 10_000
+# MAX_CLASSES (imported above) and the name bounds live in kd_core/limits.py, shared with the web app.
 # A std below this is a constant feature: dividing by it would blow noise up, so it is taken as 1.
 STD_FLOOR = 1e-6
 SPLITS = ("train", "val", "test")
@@ -182,14 +183,21 @@ def check_labels(y: Any, key: str, n: int) -> np.ndarray:
 
 
 def check_class_names(names: Any) -> list[str]:
+    """At most MAX_CLASSES distinct names of at most MAX_NAME_CHARS characters each, never truncated."""
     names = [str(n) for n in names]
     if not names:
         raise DatasetError("'class_names' is empty")
     if len(names) > MAX_CLASSES:
         raise DatasetError(f"'class_names' lists {len(names)} classes; at most {MAX_CLASSES} are supported")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise DatasetError(f"'class_names' lists {dup!r} more than once")
+    for i, name in enumerate(names):
+        problem = name_problem(name, f"class name {i}")
+        if problem:
+            raise DatasetError(problem)
+    seen: set[str] = set()
+    for name in names:  # one pass: a scan per name would be quadratic in 10,000 names
+        if name in seen:
+            raise DatasetError(f"'class_names' lists {name!r} more than once")
+        seen.add(name)
     return names
 
 

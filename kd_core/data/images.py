@@ -87,7 +87,8 @@ def _plan(
         raise DatasetError(_no_images_message(skipped))
     if "train" not in layout:
         raise DatasetError("the ZIP file has val/ or test/ folders but no train/ folder")
-    class_names = sorted({cls for split in layout.values() for cls in split})
+    # Checked here, before any image is decoded: a folder name is a class name, with the same bounds.
+    class_names = limits.check_class_names(sorted({cls for split in layout.values() for cls in split}))
     n_images = sum(len(names) for split in layout.values() for names in split.values())
     if n_images * 3 * size[0] * size[1] * 4 > limits.MAX_ARRAY_BYTES:
         raise DatasetError(

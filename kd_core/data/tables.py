@@ -17,6 +17,7 @@ import numpy as np
 from kd_core.data import dataset as limits
 from kd_core.data.dataset import RawData
 from kd_core.errors import DatasetError
+from kd_core.limits import MAX_NAME_CHARS, name_problem
 
 MAX_NPZ_MEMBERS = 64
 MAX_CSV_BYTES = 1024**3
@@ -133,6 +134,9 @@ def check_npz_headers(path: Path) -> None:
             total = 0
             for info in infos:
                 key = info.filename.removesuffix(".npy")
+                problem = name_problem(key, "an array name in the NPZ file")
+                if problem:
+                    raise DatasetError(problem)
                 if not info.filename.endswith(".npy"):
                     raise DatasetError(f"the NPZ file holds '{info.filename}', which is not a .npy array")
                 with zf.open(info) as f:
@@ -144,6 +148,8 @@ def check_npz_headers(path: Path) -> None:
                     )
                 if dtype.names is not None:
                     raise DatasetError(f"array '{key}' is a structured (record) array; store plain arrays")
+                if key == "class_names":
+                    check_class_names_header(shape, dtype)
                 total += math.prod(shape) * dtype.itemsize
                 if total > limits.MAX_ARRAY_BYTES:
                     raise DatasetError(
@@ -153,6 +159,23 @@ def check_npz_headers(path: Path) -> None:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"cannot read the NPZ file: {exc}") from exc
+
+
+def check_class_names_header(shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuse a 'class_names' array too long or too wide from its header, before a byte of it is loaded.
+
+    A string array's width is its longest element (4 bytes a character for str, up to 4 UTF-8 bytes
+    a character for bytes), so one 20-million-character name shows here as an 80 MB item size.
+    """
+    count = math.prod(shape)
+    if count > limits.MAX_CLASSES:
+        raise DatasetError(f"'class_names' lists {count} classes; at most {limits.MAX_CLASSES} are supported")
+    if dtype.kind in "US" and dtype.itemsize > 4 * MAX_NAME_CHARS:
+        chars = dtype.itemsize // 4 if dtype.kind == "U" else dtype.itemsize
+        raise DatasetError(
+            f"'class_names' holds names up to {chars:,} {'characters' if dtype.kind == 'U' else 'bytes'} "
+            f"long; at most {MAX_NAME_CHARS} characters a name are allowed"
+        )
 
 
 def load_csv(path: Path, options: dict[str, Any]) -> RawData:
@@ -198,6 +221,9 @@ def open_csv(path: Path, options: dict[str, Any]):
     label_column = options.get("label_column", "label")
     if not isinstance(label_column, str) or not label_column:
         raise DatasetError(f"dataset option 'label_column' must be a column name, got {label_column!r}")
+    problem = name_problem(label_column, "dataset option 'label_column'")
+    if problem:
+        raise DatasetError(problem)
     if path.stat().st_size > MAX_CSV_BYTES:
         raise DatasetError(f"the CSV file is larger than {MAX_CSV_BYTES // 1024**2} MiB")
     try:
@@ -229,7 +255,10 @@ def _csv_header(
     if all(_is_number(h) for h in header):
         raise DatasetError("the CSV file's first line must name the columns, but it holds numbers")
     seen = set()
-    for h in header:
+    for i, h in enumerate(header):
+        problem = name_problem(h, f"the name of CSV column {i + 1}")
+        if problem:
+            raise DatasetError(problem)
         if h in seen:
             raise DatasetError(f"the CSV header names column '{h}' twice")
         seen.add(h)
@@ -271,6 +300,11 @@ def _csv_rows(
             label = row[label_idx].strip()
             if not label:
                 raise DatasetError(f"row {n + 1} (line {line}) has an empty '{header[label_idx]}' label")
+            if len(label) > MAX_NAME_CHARS:  # refused at once: a class name (or number) this long is no label
+                raise DatasetError(
+                    f"row {n + 1} (line {line}) has a '{header[label_idx]}' label of {len(label):,} "
+                    f"characters; a label is at most {MAX_NAME_CHARS}"
+                )
         n += 1
         if n * len(feat_idx) * 4 > limits.MAX_ARRAY_BYTES:
             raise DatasetError(f"the CSV data would take more than {limits.MAX_ARRAY_BYTES // 1024**2} MiB")

@@ -69,7 +69,8 @@ def test_csv(owner, make_experiment, owner_client):
     assert response.status_code == 200
     assert response["Content-Type"].startswith("text/csv")
     assert f"csv-run-{experiment.pk}-metrics.csv" in response["Content-Disposition"]
-    rows = list(csv.reader(io.StringIO(response.content.decode())))
+    assert response.streaming  # a page of rows at a time, never the whole export in memory
+    rows = list(csv.reader(io.StringIO(response.getvalue().decode())))
     assert rows == [["name", "step", "value"], ["train_loss", "0", "2.0"], ["train_loss", "1", "1.5"]]
 
 
