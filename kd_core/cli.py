@@ -164,7 +164,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "compression" in result.metrics or "speedup" in result.metrics:
         c, s = result.metrics.get("compression"), result.metrics.get("speedup")
         print("compression " + (f"{c:.1f}x" if c else "-") + ", CPU speedup " + (f"{s:.1f}x" if s else "-"))
-    if result.stopped:
+    if result.metrics.get("stopped_by") == "time_limit":
+        print(f"time limit of {config.time_limit_s:g} s reached: the files hold the model trained so far")
+    elif result.stopped:
         print("stopped early: the files hold the model trained so far")
     print(
         f"wrote {out / 'result.json'}, {out / 'metrics.csv'} and {', '.join(Path(p).name for p in result.files.values())}"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kd_core.errors import ConfigError
+from kd_core.limits import name_problem
 
 KINDS = ("train", "distill", "codistill")
 OPTIMIZERS = ("adam", "sgd")
@@ -78,6 +79,9 @@ class ExperimentConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     log_every: int = 10
+    # Seconds of running time after which the job stops and keeps what it trained (None: no limit of
+    # its own; the web app also applies its site ceiling, KD_MAX_JOB_SECONDS).
+    time_limit_s: float | None = None
     # Options of the dataset loader: label_column (CSV), image_size (ZIP),
     # n_samples / n_features / n_classes / label_noise (built-in synthetic).
     data_options: dict[str, Any] = field(default_factory=dict)
@@ -194,8 +198,9 @@ def parse_config(data: Any) -> ExperimentConfig:
     _choice("kind", values.get("kind", "train"), KINDS)
     if "name" in values:
         _check_type("name", values["name"], (str,), "a string")
-        if len(values["name"]) > 200:
-            raise ConfigError("'name' must be at most 200 characters")
+        problem = name_problem(values["name"], "'name'")
+        if problem:
+            raise ConfigError(problem)
     if "dataset" not in values:
         raise ConfigError("'dataset' is required")
     _check_type("dataset", values["dataset"], (int, str), "a dataset id or name")
@@ -211,6 +216,10 @@ def parse_config(data: Any) -> ExperimentConfig:
     if values.get("max_steps") is not None:
         _check_type("max_steps", values["max_steps"], (int,), "an integer")
         _range("max_steps", values["max_steps"], 1, 100_000_000)
+    if values.get("time_limit_s") is not None:
+        _check_type("time_limit_s", values["time_limit_s"], (int, float), "a number of seconds")
+        _range("time_limit_s", values["time_limit_s"], 1, 10 * 365 * 86400)
+        values["time_limit_s"] = float(values["time_limit_s"])
     if values.get("val_fraction", 0.1) + values.get("test_fraction", 0.2) >= 0.9:
         raise ConfigError("'val_fraction' + 'test_fraction' must leave room for training data")
     _choice("optimizer", values.get("optimizer", "adam"), OPTIMIZERS)

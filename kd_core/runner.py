@@ -40,6 +40,24 @@ class RunResult:
     model: nn.Module | None = None
 
 
+class TimeLimit:
+    """`should_stop` with a running-time limit: True once `seconds` have passed, or when `inner` says so.
+
+    `reached` tells a caller that the limit (not `inner`) ended the run; `seconds` None or <= 0 means no limit
+    (a non-positive budget left over from earlier attempts stops at the first check instead: see `expired`).
+    """
+
+    def __init__(self, inner: Callable[[], bool], seconds: float | None, *, expired: bool = False) -> None:
+        self.inner = inner
+        self.deadline = None if seconds is None else time.monotonic() + max(float(seconds), 0.0)
+        self.reached = expired
+
+    def __call__(self) -> bool:
+        if not self.reached and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.reached = True
+        return self.reached or bool(self.inner())
+
+
 def load_experiment_dataset(config: ExperimentConfig, source: str | Path | None = None) -> Dataset:
     """The dataset of `config` (or of `source`, a name or path that replaces config.dataset), split with SPLIT_SEED."""
     from kd_core.data import load_dataset
@@ -69,7 +87,8 @@ def run_experiment(
 ) -> RunResult:
     """Run `config` on `dataset` and write out_dir/result.json plus the student's exports.
 
-    A run stopped by `should_stop` still measures and exports what it trained so far.
+    A run stopped by `should_stop`, or by `config.time_limit_s` (then `metrics["stopped_by"]` is
+    "time_limit"), still measures and exports what it trained so far.
     `cache_dir` keeps teacher logits between runs; without it they are kept for this run only.
     `checkpoint_path` is a resumable training checkpoint, written every `checkpoint_every_s` and when
     stopped, resumed from when present, and removed once the run has finished.
@@ -78,6 +97,8 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
     started = time.monotonic()
+    limit = TimeLimit(should_stop, config.time_limit_s)
+    should_stop = limit
 
     if config.kind == "codistill":
         from kd_core.codistill import run_codistill  # imported lazily: most runs never need it
@@ -93,6 +114,8 @@ def run_experiment(
             export=export,
         )
         result.metrics.setdefault("train_time_s", time.monotonic() - started)
+        if limit.reached and result.stopped:
+            result.metrics["stopped_by"] = "time_limit"
         _write_result(out_dir, config, result)
         return result
 
@@ -180,6 +203,8 @@ def run_experiment(
             extra_metadata={"experiment": {"kind": config.kind, "name": config.name, "seed": config.seed}},
         )
     result = RunResult(metrics=metrics, files=files, stopped=outcome.stopped, model=model)
+    if limit.reached and outcome.stopped:
+        metrics["stopped_by"] = "time_limit"
     _write_result(out_dir, config, result)
     if checkpoint_path is not None and not outcome.stopped:
         Path(checkpoint_path).unlink(missing_ok=True)  # done: a requeue must not resume a finished run

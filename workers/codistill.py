@@ -35,6 +35,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,9 @@ class GroupReporter:
     A thread rewrites the file every HEARTBEAT_S, so loading and exporting count as alive too.
     """
 
-    def __init__(self, sink: Any, folder: Path, group: int, replicas: int, worker: str) -> None:
+    def __init__(
+        self, sink: Any, folder: Path, group: int, replicas: int, worker: str, attempt: int = 1
+    ) -> None:
         self.sink, self.folder, self.group, self.replicas = sink, folder, group, replicas
         self.path = folder / "progress" / f"group{group}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +125,10 @@ class GroupReporter:
             "started": time.time(),
             "progress": 0.0,
             "eta_s": None,
+            "attempt": attempt,  # how many deliveries have run this group (KD_MAX_ATTEMPTS caps it)
+            "token": uuid.uuid4().hex,  # this delivery's; another one in the file means it took the group over
         }
+        self.lost = False
         self._last_mean = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -132,21 +138,33 @@ class GroupReporter:
 
     def beat(self) -> None:
         with self._lock:
+            current = _read_json(self.path)
+            if current is not None and current.get("token") not in (None, self.state["token"]):
+                self.lost = True  # our heartbeat went stale and another delivery took the group over
+                return
             _write_json(self.path, {**self.state, "beat": time.time()})
 
+    def check(self) -> None:
+        if self.lost:
+            from workers.records import LeaseLost
+
+            raise LeaseLost(f"codistillation group {self.group}: another delivery runs it now")
+
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(HEARTBEAT_S) and not self.lost:
             try:
                 self.beat()
             except OSError:
                 log.warning("codistillation group %s: heartbeat not written", self.group, exc_info=True)
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        self.check()
         self.sink.log(step, values)
 
     def status(self, progress: float, eta_s: float | None) -> None:
         from kd_core.codistill_group import group_status
 
+        self.check()
         self.state["progress"], self.state["eta_s"] = float(progress), eta_s
         if time.monotonic() - self._last_mean < 1.0:
             return  # reading every group's file each logged step would be wasted work
@@ -187,7 +205,15 @@ def run_group(experiment_id: int, group: int, *, hostname: str = "") -> str:
     from kd_core.codistill_group import run_codistill_group
     from kd_core.device import pick_device
     from webapp.studio.models import Experiment
-    from workers.jobs import StopSignal, _human_error, job_dir, resolve_inputs
+    from workers.records import (
+        LeaseLost,
+        StopSignal,
+        human_error,
+        job_dir,
+        max_attempts,
+        resolve_inputs,
+        time_budget_s,
+    )
     from workers.sink import DbChannelSink
 
     close_old_connections()
@@ -199,9 +225,26 @@ def run_group(experiment_id: int, group: int, *, hostname: str = "") -> str:
         return "skipped: group already recorded (lost, or a redelivered message)"
     replicas = int((exp.config.get("codistill") or {}).get("replicas", 2))
     worker = hostname or socket.gethostname()
+    previous = _read_json(folder / "progress" / f"group{group}.json")
+    if previous is not None:
+        # Another delivery of this group ran (or runs): one with a fresh heartbeat is alive, so exit;
+        # a silent one died. After KD_MAX_ATTEMPTS such deaths the group is recorded as lost.
+        if _wait_until_silent(folder, group) == "running":
+            return "skipped: another delivery is running this group (its heartbeat is fresh)"
+        died = int(previous.get("attempt") or 1)
+        if died >= max_attempts():
+            _write_marker(folder, group, {
+                "worker": previous.get("worker", ""), "started": previous.get("started"), "finished": time.time(),
+                "error": f"lost: the worker died {died} times running this group",
+            })  # fmt: skip
+            return _combine_when_settled(exp, folder, replicas)
     sink = DbChannelSink(exp.pk)
-    reporter = GroupReporter(sink, folder, group, replicas, worker)
-    stop = StopSignal(exp.pk)
+    reporter = GroupReporter(
+        sink, folder, group, replicas, worker, attempt=int((previous or {}).get("attempt") or 0) + 1
+    )
+    # The job's time limit counts from the fan-out (the groups run side by side).
+    ran_s = time.time() - (folder / "fanned_out").stat().st_mtime if (folder / "fanned_out").exists() else 0.0
+    stop = StopSignal(exp.pk, budget_s=time_budget_s(exp.config, ran_s))
     payload: dict[str, Any] = {"worker": worker, "started": reporter.state["started"]}
     try:
         config, dataset, _ = resolve_inputs(exp, folder)
@@ -211,16 +254,34 @@ def run_group(experiment_id: int, group: int, *, hostname: str = "") -> str:
         )  # fmt: skip
         payload["files"] = {k: str(v) for k, v in result.files.items()}
         payload["stopped"] = bool(result.stopped)
+        if result.stopped and stop.time_limited:
+            payload["stopped_by"] = "time_limit"
         payload["steps"] = int((result.metrics or {}).get("steps", 0))
+    except LeaseLost:
+        reporter.stop()
+        return "abandoned: another delivery took this group over"
     except Exception as exc:  # noqa: BLE001 - the group's reason is recorded; the others carry on
         log.exception("experiment %s: codistillation group %s failed", exp.pk, group)
-        payload["error"] = _human_error(exc)
+        payload["error"] = human_error(exc)
     finally:
         reporter.stop()
         sink.close()
     payload["finished"] = time.time()
     _write_marker(folder, group, payload)
     return _combine_when_settled(exp, folder, replicas)
+
+
+def _wait_until_silent(folder: Path, group: int) -> str:
+    """ "running" while another delivery's heartbeat for `group` stays fresh (checked for a stale period), else "dead"."""
+    stale_s = stale_after_s()
+    give_up = time.monotonic() + stale_s + 2 * HEARTBEAT_S
+    while True:
+        kind, _ = _group_state(folder, group, stale_s)
+        if kind != "running":
+            return "dead"
+        if time.monotonic() > give_up:
+            return "running"
+        time.sleep(HEARTBEAT_S)
 
 
 def _combine_when_settled(exp: Any, folder: Path, replicas: int) -> str:
@@ -278,7 +339,7 @@ def settle_abandoned() -> list[int]:
     experiment no longer running, so this is safe to repeat.
     """
     from webapp.studio.models import Experiment
-    from workers.jobs import job_dir
+    from workers.records import job_dir
 
     close_old_connections()
     stale_s, start_s = stale_after_s(), start_window_s()
@@ -319,7 +380,7 @@ def _combine_if_last(exp: Any, folder: Path) -> str:
     from kd_core.codistill_group import combine_group_results
     from webapp.studio.models import Experiment
     from webapp.studio.services import register_trained_model
-    from workers.jobs import _finish, _human_error, _json_metrics, _save_artifacts, resolve_inputs
+    from workers.records import finish, human_error, json_metrics, resolve_inputs, save_artifacts
     from workers.sink import DbChannelSink
 
     replicas = int((exp.config.get("codistill") or {}).get("replicas", 2))
@@ -337,30 +398,36 @@ def _combine_if_last(exp: Any, folder: Path) -> str:
     sink = DbChannelSink(exp.pk)
     try:
         if not any(group_files):
-            _finish(exp.pk, status=Experiment.FAILED, error="; ".join(errors) or "no group left a replica")
+            finish(exp, Experiment.FAILED, error="; ".join(errors) or "no group left a replica")
             return Experiment.FAILED
         config, dataset, _ = resolve_inputs(exp, folder)
         step = max((int(o.get("steps") or 0) for o in outcomes), default=0) or None
         result = combine_group_results(
             config, dataset, group_files, out_dir=folder / "out", sink=sink, step=step
         )
-        stopped = exp.cancel_requested or any(o.get("stopped") for o in outcomes)
-        _save_artifacts(exp, result.files)
+        # A group stopped by the time limit keeps what it trained: the experiment still succeeds.
+        time_limited = any(o.get("stopped_by") == "time_limit" for o in outcomes)
+        stopped = exp.cancel_requested or any(
+            o.get("stopped") and o.get("stopped_by") != "time_limit" for o in outcomes
+        )
+        save_artifacts(exp, result.files)
         if not stopped and result.files.get("safetensors"):
             register_trained_model(exp, str(result.files["safetensors"]))
-        metrics = _json_metrics(result.metrics)
+        metrics = json_metrics(result.metrics)
         if errors:
             metrics["group_errors"] = errors
+        if time_limited and not stopped:
+            metrics["stopped_by"] = "time_limit"
         metrics["groups"] = [
             {"group": g, **{k: o.get(k) for k in ("worker", "started", "finished", "steps", "error")}}
             for g, o in enumerate(outcomes)
         ]
         status = Experiment.CANCELLED if stopped else Experiment.SUCCEEDED
         done = {"progress": 1.0} if status == Experiment.SUCCEEDED else {}
-        _finish(exp.pk, status=status, metrics=metrics, eta_s=None, finished=timezone.now(), **done)
+        finish(exp, status, metrics=metrics, eta_s=None, finished=timezone.now(), **done)
     except Exception as exc:  # noqa: BLE001
         log.exception("experiment %s: combining the codistillation groups failed", exp.pk)
-        _finish(exp.pk, status=Experiment.FAILED, error=_human_error(exc))
+        finish(exp, Experiment.FAILED, error=human_error(exc))
         return Experiment.FAILED
     finally:
         sink.close()

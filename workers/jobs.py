@@ -1,10 +1,21 @@
-"""The job handler: load an Experiment, run it with kd_core, store its artifacts, final metrics and status.
+"""The job handler: claim an Experiment, run it with kd_core, store its artifacts, final metrics and status.
 
 State of a job lives in three places, each with one owner:
-- the database row (status, progress, attempts, metrics, error): the record everybody reads;
+- the database row (status, progress, attempts, lease, metrics, error): the record everybody reads, written
+  only through the Experiment transition methods (claim, renew_lease, finish, requeue);
 - `KD_STATE_DIR/jobs/<id>/`: the resumable training checkpoint and the run's output folder, so a job
   redelivered after its worker died resumes (attempts > 1) instead of starting over;
 - `KD_STATE_DIR/cache/`: teacher logits shared by every job on this machine (or shared volume).
+
+One trainer per job: the delivery that claims the row holds a lease (token + expiry, renewed by a heartbeat
+thread, workers/records.Lease). A second delivery of a running job whose lease is live (the broker's
+visibility timeout, a duplicate send) waits about one lease length for it to lapse, then exits untouched;
+a lapsed lease means its holder died: the job is taken over and resumes from its checkpoint (attempts + 1),
+until KD_MAX_ATTEMPTS deliveries have died on it (then it fails, saying so). A trainer that finds its lease
+taken stops at once and writes nothing more (no checkpoint, metrics, artifacts or status).
+Time limit: the config's `time_limit_s`, capped by KD_MAX_JOB_SECONDS, counts running time over all
+deliveries; when reached the job stops, keeps what it trained and succeeds with `metrics.stopped_by`
+"time_limit".
 Torch (and with it CUDA) is imported inside `run` only: the Celery parent process never touches a device.
 """
 
@@ -14,7 +25,6 @@ import datetime
 import inspect
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -22,77 +32,33 @@ import uuid
 from pathlib import Path, PurePath
 from typing import Any
 
-from django.conf import settings
 from django.db import close_old_connections
-from django.db.models import F
 from django.utils import timezone
+
+from workers.records import (
+    Lease,
+    LeaseLost,
+    StopSignal,
+    cache_dir,
+    close_quietly,
+    finish,
+    human_error,
+    job_dir,
+    json_metrics,
+    lease_seconds,
+    max_attempts,
+    resolve_inputs,
+    save_artifacts,
+    state_dir,
+    time_budget_s,
+)
 
 log = logging.getLogger(__name__)
 
-# How often the stop signal may read the cancel flag: a query per training step would be wasteful.
-CANCEL_POLL_S = 0.5
 # How often a running job saves its resumable checkpoint (a lost worker loses at most this much work).
 CHECKPOINT_EVERY_S = float(os.environ.get("KD_CHECKPOINT_EVERY_S", "30"))
-EXPORT_KINDS = ("safetensors", "torchscript", "onnx")
-_REPLICA_KEY = re.compile(r"^replica(\d+)\.(safetensors|torchscript|onnx)$")
-
-
-def state_dir() -> Path:
-    return Path(getattr(settings, "STATE_DIR", None) or os.environ.get("KD_STATE_DIR") or "var").resolve()
-
-
-def job_dir(experiment_id: int) -> Path:
-    return state_dir() / "jobs" / str(int(experiment_id))
-
-
-def cache_dir() -> Path:
-    return state_dir() / "cache"
-
-
-class StopSignal:
-    """`should_stop` for kd_core: True once the row says cancel_requested (or is gone); reads it at most every 0.5 s."""
-
-    def __init__(self, experiment_id: int, every_s: float = CANCEL_POLL_S) -> None:
-        self.experiment_id = experiment_id
-        self.every_s = every_s
-        self._last = 0.0
-        self.requested = False
-
-    def __call__(self) -> bool:
-        if self.requested:
-            return True
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            self._last = now
-            from webapp.studio.models import Experiment
-
-            flag = (
-                Experiment.objects.filter(pk=self.experiment_id)
-                .values_list("cancel_requested", flat=True)
-                .first()
-            )
-            self.requested = flag is None or bool(flag)
-        return self.requested
-
-
-def _local_file(field_file: Any, dest_dir: Path, stem: str) -> Path:
-    """The stored file's path on local storage; otherwise a copy at a stable path under the job folder.
-
-    Stable, because kd_core keys the resumable checkpoint on the config, which holds this path.
-    """
-    storage = field_file.storage
-    try:
-        return Path(storage.path(field_file.name))
-    except NotImplementedError:
-        pass
-    dest = dest_dir / f"{stem}{PurePath(field_file.name).suffix}"
-    if not dest.exists():
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
-        with storage.open(field_file.name, "rb") as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, 1024 * 1024)
-        os.replace(tmp, dest)
-    return dest
+# The lease token of a spread codistillation once its groups are queued: they (and the watchdog) own it.
+GROUPS_LEASE = "codistill-groups"
 
 
 def checkpoint_interval() -> tuple[float, bool]:
@@ -108,55 +74,19 @@ def checkpoint_interval() -> tuple[float, bool]:
     return (float(default.default) if default is not None else 30.0), False
 
 
-def _human_error(exc: BaseException) -> str:
-    """A message for the user: kd_core's own messages as they are, anything else summarised."""
-    from kd_core.errors import KDError
+def claim(exp: Any, token: str, **fields: Any) -> str:
+    """Experiment.claim for this delivery; while another delivery's lease is live, wait for it to lapse.
 
-    if isinstance(exc, KDError):
-        return str(exc) or type(exc).__name__
-    name = type(exc).__name__
-    if name == "OutOfMemoryError" or "out of memory" in str(exc).lower():
-        return "the device ran out of memory: try a smaller batch_size or model"
-    if isinstance(exc, MemoryError):
-        return "the worker ran out of memory: try a smaller batch_size, model or dataset"
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    return f"internal error in the worker ({name}{': ' + text if text else ''}); the administrators can find the traceback in the worker log"
-
-
-def _finish(experiment_id: int, **fields: Any) -> None:
-    from webapp.studio.models import Experiment
-    from webapp.studio.services import broadcast
-
-    fields.setdefault("finished", timezone.now())
-    Experiment.objects.filter(pk=experiment_id).update(**fields)
-    exp = Experiment.objects.filter(pk=experiment_id).first()
-    if exp is not None:
-        message = {
-            "type": "status", "status": exp.status, "progress": exp.progress, "eta_s": exp.eta_s,
-            "metrics": exp.metrics, "error": exp.error, "attempts": exp.attempts,
-        }  # fmt: skip
-        broadcast(experiment_id, message)
-
-
-def _save_artifacts(experiment: Any, files: dict[str, Any]) -> None:
-    """Copy exported files into storage as Artifacts, replacing those of an earlier attempt."""
-    from webapp.studio.models import Artifact, artifact_upload_to
-    from webapp.studio.storage import delete_quietly, save_local_file
-
-    for old in Artifact.objects.filter(experiment_id=experiment.pk):
-        delete_quietly(old.file.name)
-        old.delete()
-    for key, path in files.items():
-        if key in EXPORT_KINDS:
-            kind, replica = key, None
-        elif match := _REPLICA_KEY.match(key):
-            kind, replica = match.group(2), int(match.group(1))
-        else:
-            continue
-        artifact = Artifact(experiment_id=experiment.pk, kind=kind, replica=replica)
-        stored, size, sha = save_local_file(path, artifact_upload_to(artifact, PurePath(str(path)).name))
-        artifact.file.name, artifact.size, artifact.sha256 = stored, size, sha
-        artifact.save()
+    A live holder renews every third of the lease, so a lease still live after about one lease length
+    belongs to a live trainer: then "busy" (this delivery exits). A dead holder's lease lapses within it.
+    """
+    lease_s = lease_seconds()
+    give_up = time.monotonic() + lease_s * 1.2 + 1.0
+    while True:
+        outcome = exp.claim(token=token, lease_s=lease_s, max_attempts=max_attempts(), **fields)
+        if outcome != "busy" or time.monotonic() > give_up:
+            return outcome
+        time.sleep(min(1.0, lease_s / 6))
 
 
 def run(experiment_id: int, *, task_id: str = "", hostname: str = "") -> str:
@@ -172,120 +102,92 @@ def run(experiment_id: int, *, task_id: str = "", hostname: str = "") -> str:
     if task_id and exp.celery_task_id and task_id != exp.celery_task_id:
         # An old message redelivered after the job was requeued under a new task id.
         return "skipped: stale task"
-    if exp.cancel_requested:
-        _finish(exp.pk, status=Experiment.CANCELLED)
-        return Experiment.CANCELLED
+    if exp.status == Experiment.RUNNING and exp.lease_token == GROUPS_LEASE:
+        return "skipped: its codistillation groups are running"
 
     import torch  # noqa: F401 - first touch of torch/CUDA happens here, in the pool child
 
     from kd_core.device import pick_device
 
     device = pick_device("auto")
-    now = timezone.now()
     timings = dict(exp.timings or {})
     if exp.started is None:
-        timings["queue_wait"] = (now - exp.created).total_seconds()
-    # Conditional: a cancel that lands between the read above and this write must win.
-    claimed = Experiment.objects.filter(pk=exp.pk, status__in=Experiment.ACTIVE, cancel_requested=False).update(
-        status=Experiment.RUNNING, started=exp.started or now, finished=None, attempts=F("attempts") + 1,
-        worker=(hostname or socket.gethostname())[:200], device=str(device), error="", timings=timings,
-    )  # fmt: skip
-    if not claimed:
-        return "skipped: cancelled or finished meanwhile"
-    exp.refresh_from_db()
-    from webapp.studio.services import broadcast
-
-    broadcast(
-        exp.pk, {"type": "status", "status": "running", "progress": exp.progress, "attempts": exp.attempts}
-    )
+        timings["queue_wait"] = (timezone.now() - exp.created).total_seconds()
+    token = uuid.uuid4().hex
+    worker = (hostname or socket.gethostname())[:200]
+    outcome = claim(exp, token, worker=worker, device=str(device), timings=timings)
+    if outcome == "busy":
+        return "skipped: another delivery is running it (its lease is live)"
+    if outcome == "exhausted":
+        return Experiment.FAILED
+    if outcome != "claimed":
+        return f"skipped: {exp.status} meanwhile"
+    timings = dict(exp.timings or {})
 
     from workers import codistill
 
+    lease = Lease(exp, token, timings=timings).start()
     if codistill.spread_enabled(exp):
+        lease.stop()  # the groups keep the job alive from here (heartbeat files; the watchdog)
+        exp.renew_lease(token, 10 * 365 * 86400, lease_token=GROUPS_LEASE)
         return codistill.fan_out(exp, job_dir(exp.pk))
+    try:
+        return _train(exp, device, lease, timings)
+    finally:
+        lease.stop()
+        close_old_connections()
 
+
+def _train(exp: Any, device: Any, lease: Lease, timings: dict[str, Any]) -> str:
+    from kd_core.errors import Cancelled
+    from webapp.studio.models import Experiment
     from workers.sink import DbChannelSink
 
     folder = job_dir(exp.pk)
-    sink = DbChannelSink(exp.pk)
-    stop = StopSignal(exp.pk)
+    sink = DbChannelSink(exp.pk, lease=lease)
+    stop = StopSignal(exp.pk, lease=lease, budget_s=time_budget_s(exp.config, lease.running_before_s))
+    abandoned = "abandoned: another delivery took the job over"
     try:
-        result = _execute(exp, folder, device, sink, stop, timings)
+        result = _execute(exp, folder, device, sink, stop, timings, lease)
+    except LeaseLost:
+        close_quietly(sink)  # drops what it holds
+        return abandoned
     except BaseException as exc:
-        sink_close_quietly(sink)
-        from kd_core.errors import Cancelled
-
+        close_quietly(sink)
+        timings["running_s"] = round(lease.running_s(), 3)
+        if lease.lost:
+            return abandoned
         if isinstance(exc, Cancelled) or (
             stop.requested and not isinstance(exc, KeyboardInterrupt | SystemExit)
         ):
-            _finish(exp.pk, status=Experiment.CANCELLED, timings=timings)
+            finish(exp, Experiment.CANCELLED, token=lease.token, timings=timings)
             return Experiment.CANCELLED
         if not isinstance(exc, Exception):
             raise  # the worker is shutting down: leave the job to be redelivered and resumed
         log.exception("experiment %s failed", exp.pk)
-        _finish(exp.pk, status=Experiment.FAILED, error=_human_error(exc), timings=timings)
+        finish(exp, Experiment.FAILED, token=lease.token, error=human_error(exc), timings=timings)
         return Experiment.FAILED
-    status = Experiment.CANCELLED if result.stopped else Experiment.SUCCEEDED
-    done = {"progress": 1.0} if status == Experiment.SUCCEEDED else {}  # a cancelled job keeps how far it got
-    _finish(exp.pk, status=status, eta_s=None, metrics=_json_metrics(result.metrics), timings=timings, **done)
+    timings["running_s"] = round(lease.running_s(), 3)
+    metrics = json_metrics(result.metrics)
+    if _time_limited(stop, result):
+        metrics["stopped_by"] = "time_limit"  # it keeps what it trained: a result, not a cancellation
+        status, done = Experiment.SUCCEEDED, {}
+    elif result.stopped:
+        status, done = Experiment.CANCELLED, {}  # a cancelled job keeps how far it got
+    else:
+        status, done = Experiment.SUCCEEDED, {"progress": 1.0}
+    if not finish(exp, status, token=lease.token, eta_s=None, metrics=metrics, timings=timings, **done):
+        return abandoned if lease.lost else f"skipped: {exp.status} meanwhile"
     shutil.rmtree(folder, ignore_errors=True)
-    close_old_connections()
     return status
 
 
-def sink_close_quietly(sink: Any) -> None:
-    try:
-        sink.close()
-    except Exception:  # noqa: BLE001 - the job's own error is the one worth reporting
-        log.warning("could not flush the metrics sink", exc_info=True)
-
-
-def _json_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    import math
-
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if hasattr(value, "item") and callable(value.item):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        if isinstance(value, Path):
-            value = str(value)
-        out[str(key)] = value
-    return out
-
-
-def resolve_inputs(exp: Any, folder: Path) -> tuple[Any, Any, Any]:
-    """The experiment's config with file paths for dataset/teacher, the loaded dataset, and the teacher."""
-    from kd_core.checkpoints import load_teacher
-    from kd_core.config import parse_config
-    from kd_core.errors import CheckpointError, DatasetError
-    from kd_core.runner import load_experiment_dataset
-
-    if exp.dataset is None:
-        raise DatasetError("the experiment's dataset was deleted")
-    config = parse_config(exp.config)
-    inputs = folder / "inputs"
-    if exp.dataset.file:
-        config.dataset = str(_local_file(exp.dataset.file, inputs, "dataset"))
-    else:
-        config.dataset = exp.dataset.name  # a built-in dataset, by name
-    config.data_options = {**(exp.dataset.options or {}), **(config.data_options or {})}
-    dataset = load_experiment_dataset(config)
-    teacher = None
-    if config.kind == "distill":
-        if exp.teacher is None:
-            raise CheckpointError("the experiment's teacher checkpoint was deleted")
-        config.teacher = str(_local_file(exp.teacher.file, inputs, "teacher"))
-        teacher = load_teacher(
-            config.teacher, arch=config.teacher_arch or exp.teacher.arch, input_shape=tuple(dataset.input_shape),
-            num_classes=dataset.num_classes,
-        )  # fmt: skip
-    return config, dataset, teacher
+def _time_limited(stop: StopSignal, result: Any) -> bool:
+    return bool(result.stopped) and (stop.time_limited or result.metrics.get("stopped_by") == "time_limit")
 
 
 def _execute(
-    exp: Any, folder: Path, device: Any, sink: Any, stop: StopSignal, timings: dict[str, float]
+    exp: Any, folder: Path, device: Any, sink: Any, stop: StopSignal, timings: dict[str, Any], lease: Lease
 ) -> Any:
     """Resolve inputs, run kd_core, then store artifacts and the trained model (all before the final status)."""
     from kd_core.runner import run_experiment
@@ -311,9 +213,12 @@ def _execute(
         sink.close()
     timings["run"] = time.monotonic() - t0
 
+    # Confirm (and extend) the lease in the database before replacing anything stored.
+    lease.renew()
+    lease.check()
     t0 = time.monotonic()
-    _save_artifacts(exp, result.files)
-    if not result.stopped and result.files.get("safetensors"):
+    save_artifacts(exp, result.files)
+    if (not result.stopped or _time_limited(stop, result)) and result.files.get("safetensors"):
         register_trained_model(exp, str(result.files["safetensors"]))
     timings["store"] = time.monotonic() - t0
     return result
@@ -325,7 +230,9 @@ def _execute(
 def requeue_orphans(hostname: str) -> list[int]:
     """Jobs marked running on worker `hostname`, found when a worker of that very name starts: it died.
 
-    Each goes back to the queue under a new task id (the old message, redelivered later, is then stale).
+    Each goes back to the queue under a new task id (the old message, redelivered later, is then stale);
+    its next delivery resumes it, or fails it when KD_MAX_ATTEMPTS deliveries have died on it (claim).
+    A spread codistillation is left to its groups and the watchdog.
     """
     from webapp.studio.models import Experiment
     from webapp.studio.services import enqueue_experiment
@@ -333,7 +240,9 @@ def requeue_orphans(hostname: str) -> list[int]:
     close_old_connections()
     requeued = []
     for exp in Experiment.objects.filter(status=Experiment.RUNNING, worker=hostname):
-        if Experiment.objects.filter(pk=exp.pk, status=Experiment.RUNNING).update(status=Experiment.QUEUED):
+        if exp.lease_token == GROUPS_LEASE:
+            continue
+        if exp.requeue(worker=hostname):
             enqueue_experiment(exp)  # outside a transaction: sent at once
             requeued.append(exp.pk)
     return requeued

@@ -8,36 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def group_name(experiment_id: int) -> str:
-    return f"experiment-{experiment_id}"
-
-
-def send_to_group(experiment_id: int, messages: list[dict[str, Any]]) -> None:
-    """Send messages to the experiment's group in one event-loop round trip; a dead Redis only loses live view."""
-    if not messages:
-        return
-    from asgiref.sync import async_to_sync
-    from channels.layers import get_channel_layer
-
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    group = group_name(experiment_id)
-
-    async def send_all() -> None:
-        for message in messages:
-            await layer.group_send(group, {"type": "experiment.message", "message": message})
-
-    try:
-        async_to_sync(send_all)()
-    except Exception:  # noqa: BLE001 - the rows are the record; the browser refills from /metrics/
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "could not send %d message(s) to %s", len(messages), group, exc_info=True
-        )
-
-
 class DbChannelSink:
     """kd_core's MetricsSink for a worker.
 
@@ -45,7 +15,12 @@ class DbChannelSink:
     (conflicts ignored, so a step logged again after a resume is harmless) followed by one
     `{"type": "metric", "step", "values", "time"}` message per step to group `experiment-<id>`. Rows are
     written before messages are sent, so a client that reads `/metrics/` and then listens sees no gap.
-    `status` updates Experiment.progress/eta_s at most every `status_every` seconds.
+    `status` updates Experiment.progress/eta_s at most every `status_every` seconds
+    (Experiment.report_progress). Messages go through webapp/studio/live.py, the one sender.
+
+    With a `lease` (workers/records.py), a sink whose delivery lost the job writes nothing more: `log`/`flush`
+    raise LeaseLost (so the trainer never writes the checkpoint that follows a flush) and `close` drops
+    what is buffered.
 
     The trainer calls `flush` right before it writes a resumable checkpoint: the checkpoint then never
     runs ahead of the stored series, so a job resumed after its worker died (at the step after the
@@ -58,8 +33,10 @@ class DbChannelSink:
         *,
         flush_every: float = 0.5,
         status_every: float = 1.0,
+        lease: Any = None,
     ) -> None:
         self.experiment_id = experiment_id
+        self.lease = lease
         self.flush_every = flush_every
         self.status_every = status_every
         self._pending: list[tuple[int, dict[str, float], float]] = []
@@ -90,8 +67,12 @@ class DbChannelSink:
     def flush(self) -> None:
         """Write buffered rows, then announce them."""
         self._last_flush = time.monotonic()
+        if self.lease is not None and self.lease.lost:
+            self._pending = []
+            self.lease.check()
         if not self._pending:
             return
+        from webapp.studio.live import send
         from webapp.studio.models import MetricPoint
 
         batch, self._pending = self._pending, []
@@ -102,7 +83,7 @@ class DbChannelSink:
         ]
         MetricPoint.objects.bulk_create(rows, ignore_conflicts=True, batch_size=500)
         self.rows_written += len(rows)
-        send_to_group(
+        send(
             self.experiment_id,
             [{"type": "metric", "step": step, "values": values, "time": t} for step, values, t in batch],
         )
@@ -115,14 +96,15 @@ class DbChannelSink:
         self._last_status = time.monotonic()
         self._status_dirty = False
         progress, eta = self._status
-        Experiment.objects.filter(pk=self.experiment_id).update(progress=progress, eta_s=eta)
-        send_to_group(
-            self.experiment_id, [{"type": "status", "status": "running", "progress": progress, "eta_s": eta}]
-        )
+        token = self.lease.token if self.lease is not None else None
+        Experiment.report_progress(self.experiment_id, progress, eta, token=token)
 
     def close(self) -> None:
         """Flush what is left; safe to call twice."""
         if self.closed:
+            return
+        if self.lease is not None and self.lease.lost:
+            self._pending, self._status, self.closed = [], None, True
             return
         self.flush()
         self._write_status()

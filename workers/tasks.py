@@ -46,12 +46,26 @@ def inspect_upload(dataset_id: int) -> str:
     return jobs.inspect_upload(int(dataset_id))
 
 
+@shared_task(name="workers.inspect_checkpoint", ignore_result=True, acks_late=False)
+def inspect_checkpoint(checkpoint_id: int) -> str:
+    """Inspect a large uploaded model file (TorchScript/ONNX in kd_core's sandbox); see workers/inspection.py.
+
+    Acknowledged on receipt, like inspect_upload; `cleanup` fails rows left inspecting.
+    """
+    from workers import inspection
+
+    return inspection.inspect_checkpoint(int(checkpoint_id))
+
+
 @shared_task(name="workers.cleanup", ignore_result=True)
 def cleanup(max_age_hours: float = 24.0) -> int:
-    """Remove state folders of finished experiments and stale temp downloads; returns how many went."""
-    from workers import jobs
+    """Remove state folders of finished experiments and stale temp downloads; returns how many went.
 
-    return jobs.cleanup(max_age_s=max_age_hours * 3600)
+    Also fails checkpoint rows left inspecting (their worker died).
+    """
+    from workers import inspection, jobs
+
+    return jobs.cleanup(max_age_s=max_age_hours * 3600) + inspection.fail_stale_inspections()
 
 
 @shared_task(name="workers.codistill_watchdog", ignore_result=True, acks_late=False)

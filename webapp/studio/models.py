@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import secrets
 import uuid
@@ -9,7 +10,10 @@ from pathlib import PurePath
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Coalesce
 from django.utils import timezone
+
+_WHEN = models.DateTimeField()  # the output type of a datetime value computed inside an UPDATE
 
 
 def _upload_to(prefix: str, instance: models.Model, filename: str) -> str:
@@ -93,6 +97,9 @@ class Checkpoint(models.Model):
         ("onnx", "ONNX"),
     ]
     ROLES = [("teacher", "teacher"), ("student", "student")]
+    INSPECTING, READY, FAILED = "inspecting", "ready", "failed"
+    # Large uploads (and every file that must run in the sandbox) are "inspecting" until a worker has read them.
+    STATUSES = [("inspecting", "inspecting"), ("ready", "ready"), ("failed", "failed")]
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="checkpoints")
     name = models.CharField(max_length=200)
@@ -111,6 +118,9 @@ class Checkpoint(models.Model):
     )
     # The dataset whose shape sized a bare state dict at upload, if the user named one.
     dataset = models.ForeignKey(Dataset, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    status = models.CharField(max_length=16, choices=STATUSES, default="ready")
+    # Why inspection failed (status "failed"); the file is then deleted.
+    error = models.TextField(blank=True, default="")
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -160,6 +170,10 @@ class Experiment(models.Model):
     sweep_group = models.CharField(max_length=64, blank=True, db_index=True)
     worker = models.CharField(max_length=200, blank=True, help_text="hostname of the worker that ran it")
     device = models.CharField(max_length=64, blank=True, help_text="e.g. cuda:0 or cpu")
+    # The lease of the one trainer allowed on this job: a unique token per delivery, renewed by a heartbeat.
+    # A second delivery of a running job sees a live lease and exits; an expired lease means the holder died.
+    lease_token = models.CharField(max_length=64, blank=True, default="")
+    lease_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created", "-id"]
@@ -175,7 +189,122 @@ class Experiment(models.Model):
     @property
     def group_name(self) -> str:
         """The channel-layer group its live messages go to."""
-        return f"experiment-{self.pk}"
+        from webapp.studio.live import group_name
+
+        return group_name(self.pk)
+
+    # --- state transitions -------------------------------------------------------------------------------
+    # The only writers of `status`. Each is one conditional UPDATE, so races resolve in the database (a
+    # cancel landing mid-claim wins, a finished job is never reopened, two deliveries cannot both claim),
+    # then refreshes this instance and, when the row changed, sends the live status message (webapp/studio/
+    # live.py). Lifecycle: queued -> running (claim) -> succeeded | failed | cancelled (finish); running ->
+    # queued (requeue, a dead worker's job); queued -> cancelled and running -> cancel_requested (cancel).
+
+    def _move(self, condition: models.Q, **fields: object) -> bool:
+        updated = type(self).objects.filter(condition, pk=self.pk).update(**fields)
+        try:
+            self.refresh_from_db()
+        except type(self).DoesNotExist:
+            return False
+        if updated:
+            from webapp.studio.live import send_status
+
+            send_status(self)
+        return bool(updated)
+
+    @staticmethod
+    def _lease_free(now: datetime.datetime) -> models.Q:
+        """No delivery holds a live lease: never taken, released, or expired (its holder stopped renewing)."""
+        return models.Q(lease_until__isnull=True) | models.Q(lease_until__lt=now)
+
+    def lease_live(self, now: datetime.datetime | None = None) -> bool:
+        return self.lease_until is not None and self.lease_until >= (now or timezone.now())
+
+    def claim(self, *, token: str, lease_s: float, max_attempts: int, **fields: object) -> str:
+        """One delivery takes the job: queued, or running under an expired lease (its holder died) -> running.
+
+        Returns "claimed" (attempts + 1, a fresh lease for `token`, `fields` written too), "busy" (another
+        delivery holds a live lease), "exhausted" (now failed: `max_attempts` deliveries died running it),
+        or "gone" (finished, cancelled now or earlier, or deleted).
+        """
+        now = timezone.now()
+        free = models.Q(status=self.QUEUED) | (models.Q(status=self.RUNNING) & self._lease_free(now))
+        claimed = self._move(
+            free & models.Q(cancel_requested=False, attempts__lt=max_attempts),
+            status=self.RUNNING, started=Coalesce(models.F("started"), models.Value(now, output_field=_WHEN)),
+            finished=None, attempts=models.F("attempts") + 1, lease_token=token,
+            lease_until=now + datetime.timedelta(seconds=lease_s), error="", **fields,
+        )  # fmt: skip
+        if claimed:
+            return "claimed"
+        if self.pk is None or self.status in self.FINISHED:
+            return "gone"
+        if self.lease_live(now) and self.status == self.RUNNING:
+            return "busy"
+        if self.cancel_requested:
+            self.finish(self.CANCELLED)
+            return "gone"
+        died = self.attempts
+        if died >= max_attempts and self._move(
+            models.Q(status__in=self.ACTIVE, attempts=died) & (models.Q(status=self.QUEUED) | self._lease_free(now)),
+            status=self.FAILED, error=f"the worker died {died} times running this job", finished=now,
+            eta_s=None, lease_token="", lease_until=None,
+        ):  # fmt: skip
+            return "exhausted"
+        return "gone" if self.status in self.FINISHED else "busy"
+
+    def renew_lease(self, token: str, lease_s: float, **fields: object) -> bool:
+        """The heartbeat of the delivery holding `token`; False once another delivery took the job over."""
+        until = timezone.now() + datetime.timedelta(seconds=lease_s)
+        rows = type(self).objects.filter(pk=self.pk, status=self.RUNNING, lease_token=token)
+        return bool(rows.update(lease_until=until, **fields))
+
+    def finish(self, status: str, *, token: str | None = None, **fields: object) -> bool:
+        """queued/running -> succeeded, failed or cancelled, once; with `token`, only while that lease holds.
+
+        `fields` (metrics, error, timings, progress, eta_s ...) are written in the same UPDATE.
+        """
+        if status not in self.FINISHED:
+            raise ValueError(f"{status!r} is not a final status")
+        condition = models.Q(status__in=self.ACTIVE)
+        if token is not None:
+            condition &= models.Q(lease_token=token)
+        fields.setdefault("finished", timezone.now())
+        return self._move(condition, status=status, lease_token="", lease_until=None, **fields)
+
+    def requeue(self, *, worker: str | None = None) -> bool:
+        """running -> queued (a dead worker's job goes back to the queue); `worker` must still be its holder."""
+        condition = models.Q(status=self.RUNNING)
+        if worker is not None:
+            condition &= models.Q(worker=worker)
+        return self._move(condition, status=self.QUEUED, lease_token="", lease_until=None, eta_s=None)
+
+    def cancel(self) -> bool:
+        """queued -> cancelled at once; running -> cancel_requested (its trainer's stop signal reads it).
+
+        Returns False when there was nothing to cancel (already finished).
+        """
+        if self._move(
+            models.Q(status=self.QUEUED), status=self.CANCELLED, cancel_requested=True,
+            finished=timezone.now(), progress=0.0, lease_token="", lease_until=None,
+        ):  # fmt: skip
+            return True
+        return self._move(models.Q(status=self.RUNNING), cancel_requested=True) or (
+            self.status == self.RUNNING and self.cancel_requested
+        )
+
+    @classmethod
+    def report_progress(cls, pk: int, progress: float, eta_s: float | None, token: str | None = None) -> bool:
+        """A running job's progress and ETA (no status change); False when it is no longer running (for `token`)."""
+        rows = cls.objects.filter(pk=pk, status=cls.RUNNING)
+        if token is not None:
+            rows = rows.filter(lease_token=token)
+        if not rows.update(progress=progress, eta_s=eta_s):
+            return False
+        from webapp.studio.live import send_progress
+
+        send_progress(pk, progress, eta_s)
+        return True
 
 
 class MetricPoint(models.Model):
