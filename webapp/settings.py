@@ -8,6 +8,7 @@ requires SECRET_KEY and switches on secure cookies, HSTS and the HTTPS redirect,
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -36,7 +37,6 @@ if PRODUCTION and not ALLOWED_HOSTS:
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [
-    "daphne",  # first, so `runserver` serves ASGI (HTTP and WebSocket)
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -45,6 +45,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "channels",
+    "axes",  # login throttling (settings below)
     "webapp.studio",
 ]
 
@@ -58,6 +59,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"
@@ -141,6 +144,15 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 # Only a worker imports the tasks (`celery -A webapp.celery worker`); the web process enqueues by name.
 CELERY_IMPORTS = ["workers.tasks"]
 
+# --- job lifecycle (Experiment.claim/finish, workers/jobs.py) ---
+# A job whose worker died this many times (each delivery that claimed it and never finished) fails.
+KD_MAX_ATTEMPTS = env_int("KD_MAX_ATTEMPTS", 3, minimum=1)
+# The running trainer's lease on its row: renewed every third of this; a second delivery of the job
+# waits up to about this long for a silent lease to expire (its holder died) before taking over.
+KD_LEASE_SECONDS = env_int("KD_LEASE_SECONDS", 60, minimum=3)
+# The site's ceiling on any job's running time (config `time_limit_s` may only lower it).
+KD_MAX_JOB_SECONDS = env_int("KD_MAX_JOB_SECONDS", 86400, minimum=1)
+
 # --- auth, sessions, security ---------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -150,6 +162,20 @@ AUTH_PASSWORD_VALIDATORS = [
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/login/"
+
+# --- login throttling (django-axes: the login page and the admin's) ---
+# After KD_LOGIN_FAILURE_LIMIT wrong passwords for one username from one address, that pair is refused,
+# even with the right password (429 and a page saying so), until KD_LOGIN_COOLOFF_S passes without a try.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # first: refuses a locked-out pair before any password check
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("KD_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(seconds=env_int("KD_LOGIN_COOLOFF_S", 900, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "locked_out.html"
+AXES_DISABLE_ACCESS_LOG = True  # failures are kept (AccessAttempt); a row per successful login is not needed
 
 if PRODUCTION:
     SESSION_COOKIE_SECURE = True
@@ -205,8 +231,12 @@ STORAGES = {
 }
 # Anything larger than this goes to a temporary file while it arrives, never whole into memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
-DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024  # non-file request bodies (JSON configs)
 KD_MAX_UPLOAD_BYTES = env_int("KD_MAX_UPLOAD_MB", 1024, minimum=1) * 1024 * 1024
+# --- request bodies (webapp/body_guard.py, in front of Django) ---
+# Every body but a file upload to /api/datasets/ or /api/checkpoints/ (JSON configs, forms); the server
+# refuses a larger one with 413 before reading it. Django's own check on non-file fields agrees.
+KD_MAX_BODY_BYTES = env_int("KD_MAX_BODY_KB", 1024, minimum=1) * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = KD_MAX_BODY_BYTES
 FILE_UPLOAD_HANDLERS = [
     "webapp.studio.storage.MaxSizeUploadHandler",
     "django.core.files.uploadhandler.MemoryFileUploadHandler",
@@ -215,6 +245,20 @@ FILE_UPLOAD_HANDLERS = [
 
 # /healthz answers 503 unless at least this many Celery workers answer a ping.
 KD_HEALTHZ_MIN_WORKERS = env_int("KD_HEALTHZ_MIN_WORKERS", 1, minimum=0)
+# /healthz reuses its answer this long: its Celery ping waits 0.5 s, and it answers anyone (0: every call probes).
+KD_HEALTHZ_CACHE_S = env_int("KD_HEALTHZ_CACHE_S", 2, minimum=0)
+
+# --- per-user limits (what one account can make the site hold) ------------------------------
+# Queued + running experiments per user; more is refused with 429 until some finish.
+KD_MAX_ACTIVE_JOBS = env_int("KD_MAX_ACTIVE_JOBS", 100, minimum=1)
+# Experiments one sweep may create.
+KD_MAX_SWEEP_SIZE = env_int("KD_MAX_SWEEP_SIZE", 64, minimum=1, maximum=10_000)
+# Bytes of datasets, checkpoints and experiment files per user; an upload past it is refused (413).
+# 0 turns the quota off.
+KD_STORAGE_QUOTA_BYTES = env_int("KD_STORAGE_QUOTA_BYTES", 50 * 1024**3, minimum=0)
+# Points per metric series of one experiment: a smaller log_every is raised to stay under it, and
+# (validation logging once an epoch) more epochs are refused. The default is the config's epoch cap.
+KD_MAX_POINTS_PER_SERIES = env_int("KD_MAX_POINTS_PER_SERIES", 100_000, minimum=100)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

@@ -8,20 +8,25 @@ import json
 import logging
 import math
 import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import redis
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.handlers.asgi import ASGIRequest
 from django.db import connection
 from django.db.models import Max
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404
 from django.views.decorators.http import require_GET
 
 from webapp.celery import app as celery_app
 from webapp.studio import services
 from webapp.studio.auth import ApiError, api_view, error, json_body
-from webapp.studio.downsample import downsample
+from webapp.studio.downsample import series_points
 from webapp.studio.models import Artifact, Checkpoint, Dataset, Experiment, MetricPoint
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,8 @@ def checkpoint_json(c: Checkpoint) -> dict[str, Any]:
         "source_experiment": c.source_experiment_id,
         "dataset": c.dataset_id,
         "size": c.size,
+        "status": c.status,
+        "error": c.error,
         "created": _time(c.created),
     }
 
@@ -176,6 +183,7 @@ def _bool_param(request: HttpRequest, key: str) -> bool:
 def _upload(request: HttpRequest):
     if not request.content_type.startswith("multipart/form-data"):
         raise ApiError("send multipart/form-data with a 'file' field")
+    services.check_storage_quota(request.user, 1)  # already full: refused before the body is read
     files = request.FILES  # parsing happens here, streamed to temporary files
     if getattr(request, "upload_too_large", False):
         limit_mb = settings.KD_MAX_UPLOAD_BYTES // (1024 * 1024)
@@ -183,6 +191,7 @@ def _upload(request: HttpRequest):
     upload = files.get("file")
     if upload is None:
         raise ApiError("the 'file' field is missing")
+    services.check_storage_quota(request.user, upload.size)  # before anything reaches storage
     return upload
 
 
@@ -256,7 +265,9 @@ def checkpoints(request: HttpRequest) -> HttpResponse:
                 f"dataset {raw_dataset} is not ready ({dataset.status}); its shape is not known yet"
             )
     checkpoint = services.create_checkpoint(request.user, upload, request.POST.get("name"), arch, dataset)
-    return JsonResponse(checkpoint_json(checkpoint), status=201)
+    # 202: a large file is inspected by a worker (in the sandbox); GET shows it "ready" or "failed" later.
+    status = 202 if checkpoint.status == Checkpoint.INSPECTING else 201
+    return JsonResponse(checkpoint_json(checkpoint), status=status)
 
 
 @api_view(["GET", "DELETE"])
@@ -271,16 +282,22 @@ def checkpoint_detail(request: HttpRequest, pk: int) -> HttpResponse:
 # --- experiments ------------------------------------------------------------------------------
 
 
+def _with_notes(answer: dict[str, Any], experiment: Experiment) -> dict[str, Any]:
+    """`notes`: what the server changed in the config (e.g. a raised log_every); the stored config has it."""
+    notes = getattr(experiment, "notes", None)
+    return {**answer, "notes": notes} if notes else answer
+
+
 @api_view(["GET", "POST"])
 def experiments(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         body = json_body(request)
         created = services.create_experiments(request.user, body)
         if "sweep" in body:
-            return JsonResponse(
-                {"ids": [e.pk for e in created], "sweep_group": created[0].sweep_group}, status=201
-            )
-        return JsonResponse({"id": created[0].pk, "status": created[0].status}, status=201)
+            answer = {"ids": [e.pk for e in created], "sweep_group": created[0].sweep_group}
+            return JsonResponse(_with_notes(answer, created[0]), status=201)
+        answer = {"id": created[0].pk, "status": created[0].status}
+        return JsonResponse(_with_notes(answer, created[0]), status=201)
     rows = Experiment.objects.filter(owner=request.user).select_related("dataset", "teacher")
     status = request.GET.get("status")
     if status:
@@ -311,25 +328,40 @@ def experiment_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def series_of(
-    experiment: Experiment, *, since: int | None = None, with_time: bool = False, names=None
+    experiment: Experiment,
+    *,
+    since: int | None = None,
+    with_time: bool = False,
+    names=None,
+    max_points: int | None = None,
 ) -> dict:
-    """{name: [[step, value(, time)], ...]} in step order, straight from the database."""
-    rows = MetricPoint.objects.filter(experiment=experiment)
-    if since is not None:
-        rows = rows.filter(step__gt=since)
-    if names:
-        rows = rows.filter(name__in=names)
-    fields = ("name", "step", "value", "time") if with_time else ("name", "step", "value")
+    """{name: [[step, value(, time)], ...]} in step order, downsampled by the database to `max_points`."""
     series: dict[str, list] = {}
-    for name, *point in rows.order_by("name", "step").values_list(*fields).iterator(chunk_size=5000):
-        series.setdefault(name, []).append(point)
+    for name, page in series_points(
+        experiment.pk, since=since, names=names, max_points=max_points, with_time=with_time
+    ):
+        series.setdefault(name, []).extend(list(p) for p in page)
     return series
 
 
-def _downsampled(series: dict, max_points: int | None) -> dict:
-    if not max_points:
-        return series
-    return {name: downsample(points, max_points) for name, points in series.items()}
+def _csv_chunks(experiment: Experiment, *, with_time: bool, **query: Any) -> Iterator[str]:
+    """The CSV text a page of rows at a time: the export never holds a whole series."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["name", "step", "value", "time"] if with_time else ["name", "step", "value"])
+    for name, page in series_points(experiment.pk, with_time=with_time, **query):
+        writer.writerows([name, *point] for point in page)
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+async def _async_chunks(chunks: Iterator[str]) -> AsyncIterator[str]:
+    """Each chunk from a database thread: under ASGI a sync iterator would be read whole into a list."""
+    take = sync_to_async(lambda: next(chunks, None), thread_sensitive=True)
+    while (chunk := await take()) is not None:
+        yield chunk
 
 
 @api_view(["GET"])
@@ -342,23 +374,22 @@ def experiment_metrics(request: HttpRequest, pk: int) -> HttpResponse:
     since = _int_param(request, "since", None, -1, 2**62)
     with_time = _bool_param(request, "with_time")
     names = [n for n in request.GET.get("names", "").split(",") if n] or None
-    series = _downsampled(series_of(experiment, since=since, with_time=with_time, names=names), max_points)
+    query = {"since": since, "names": names, "max_points": max_points}
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["name", "step", "value", "time"] if with_time else ["name", "step", "value"])
-        for name, points in series.items():
-            for point in points:
-                writer.writerow([name, *point])
-        response = HttpResponse(buffer.getvalue(), content_type="text/csv; charset=utf-8")
+        chunks = _csv_chunks(experiment, with_time=with_time, **query)
+        response = StreamingHttpResponse(
+            _async_chunks(chunks) if isinstance(request, ASGIRequest) else chunks,
+            content_type="text/csv; charset=utf-8",
+        )
         response["Content-Disposition"] = (
             f'attachment; filename="{_slug(experiment.name)}-{experiment.pk}-metrics.csv"'
         )
         return response
+    series = series_of(experiment, with_time=with_time, **query)
     last = MetricPoint.objects.filter(experiment=experiment).aggregate(m=Max("step"))["m"]
     return JsonResponse(
         {
-            "series": _finite({k: [list(p) for p in v] for k, v in series.items()}),
+            "series": _finite(series),
             "last_step": last,
             "status": experiment.status,
             "progress": experiment.progress,
@@ -461,12 +492,7 @@ def compare(request: HttpRequest) -> HttpResponse:
                 ],
                 "config_differences": differences,
                 "metrics": {str(e.pk): e.metrics for e in rows},
-                "series": {
-                    str(e.pk): {
-                        k: [list(p) for p in v] for k, v in _downsampled(series_of(e), max_points).items()
-                    }
-                    for e in rows
-                },
+                "series": {str(e.pk): series_of(e, max_points=max_points) for e in rows},
             }
         )
     )
@@ -481,9 +507,29 @@ def _health_error(part: str, exc: Exception) -> str:
     return f"error: {exc}" if settings.DEBUG else f"error: {type(exc).__name__}"
 
 
+# The last /healthz answer per configuration: (monotonic time, body, status). A Celery ping always waits
+# its whole timeout, so probing on every call would let anyone hold the sync thread with a flood of GETs.
+_health_cache: dict[tuple, tuple[float, dict[str, Any], int]] = {}
+_health_lock = threading.Lock()
+
+
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
-    """200 when the database, Redis and enough Celery workers answer; else 503 naming what failed."""
+    """200 when the database, Redis and enough Celery workers answer; else 503 naming what failed.
+
+    The answer is reused for KD_HEALTHZ_CACHE_S seconds; callers arriving during a probe wait for it.
+    """
+    key = (settings.REDIS_URL, settings.CELERY_BROKER_URL, settings.KD_HEALTHZ_MIN_WORKERS, settings.DEBUG)
+    with _health_lock:
+        hit = _health_cache.get(key)
+        if hit is None or time.monotonic() - hit[0] >= settings.KD_HEALTHZ_CACHE_S:
+            body, status = _check_health()
+            _health_cache.clear()
+            _health_cache[key] = hit = (time.monotonic(), body, status)
+    return JsonResponse(hit[1], status=hit[2])
+
+
+def _check_health() -> tuple[dict[str, Any], int]:
     body: dict[str, Any] = {}
     failed = []
     try:
@@ -510,8 +556,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
         failed.append("workers")
     if failed:
         body["error"] = f"unhealthy: {', '.join(failed)}"
-        return JsonResponse(body, status=503)
-    return JsonResponse(body)
+        return body, 503
+    return body, 200
 
 
 def not_found(request: HttpRequest, path: str = "") -> JsonResponse:

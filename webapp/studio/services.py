@@ -1,4 +1,4 @@
-"""What the web side does to the studio's state: uploads, experiments, enqueueing, cancelling, broadcasts.
+"""What the web side does to the studio's state: uploads, experiments, enqueueing, cancelling.
 
 Views call these and turn `ApiError` into JSON; the worker calls `register_trained_model`. Nothing here
 imports `workers`: jobs are enqueued by task name.
@@ -14,19 +14,19 @@ from contextlib import contextmanager
 from pathlib import PurePath
 from typing import Any
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from django.utils import timezone
+from django.db.models import Sum
 
 from kd_core.config import parse_config, validate_model_spec
 from kd_core.errors import CheckpointError, ConfigError, DatasetError
+from kd_core.limits import MAX_NAME_CHARS, name_problem
 from webapp.celery import app as celery_app
 from webapp.env import env_int
 from webapp.studio.auth import ApiError
-from webapp.studio.models import Checkpoint, Dataset, Experiment
+from webapp.studio.models import Artifact, Checkpoint, Dataset, Experiment
 from webapp.studio.storage import delete_quietly, local_path, save_local_file
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ CHECKPOINT_EXTENSIONS = {
     ".ts": "torchscript",
     ".onnx": "onnx",
 }
-MAX_SWEEP = 64
 # Config keys a sweep may vary: the numeric and choice hyperparameters, not the data or the teacher.
 SWEEP_KEYS = {
     "epochs", "max_steps", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
@@ -57,10 +56,50 @@ def _extension(filename: str, allowed: dict[str, str], what: str) -> str:
 
 
 def _name(value: Any, fallback: str) -> str:
-    name = (value if isinstance(value, str) else "").strip() or fallback
-    if len(name) > 200:
-        raise ApiError("'name' must be at most 200 characters")
+    """The given name, else `fallback` (the file's name); refused, never cut, when over the bounds."""
+    given = (value if isinstance(value, str) else "").strip()
+    name = given or fallback
+    problem = name_problem(name, "'name'" if given else "the file name (used as the name when none is given)")
+    if problem:
+        raise ApiError(problem if given else f"{problem}; send a shorter 'name'")
     return name
+
+
+# --- storage quota ----------------------------------------------------------------------------
+
+
+def storage_used(owner) -> int:
+    """Bytes the user's datasets, checkpoints and experiment files take in storage."""
+    total = 0
+    for rows in (
+        Dataset.objects.filter(owner=owner),
+        Checkpoint.objects.filter(owner=owner),
+        Artifact.objects.filter(experiment__owner=owner),
+    ):
+        total += rows.aggregate(total=Sum("size"))["total"] or 0
+    return total
+
+
+def check_storage_quota(owner, incoming: int) -> None:
+    """413 naming used/limit when storing `incoming` more bytes would pass KD_STORAGE_QUOTA_BYTES.
+
+    Called before an upload is written to storage, so a refusal leaves nothing behind (Django removes
+    its temporary file when the request ends). Files a job writes are not refused, but count.
+    """
+    quota = settings.KD_STORAGE_QUOTA_BYTES
+    if not quota:
+        return
+    used = storage_used(owner)
+    if used + incoming > quota:
+        raise ApiError(
+            f"storage quota exceeded: you use {_mib(used)} of {_mib(quota)} and this file is {_mib(incoming)}; "
+            "delete datasets, checkpoints or experiments to make room",
+            413,
+        )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:,.1f} MiB"
 
 
 # --- datasets ---------------------------------------------------------------------------------
@@ -203,8 +242,14 @@ def _refuse_if_in_use(experiments, what: str) -> None:
 def create_checkpoint(
     owner, upload: UploadedFile, name: str | None, arch: Any = None, dataset: Dataset | None = None
 ) -> Checkpoint:
-    """Store an uploaded model file, inspect it (never unpickling), record it; on failure nothing remains."""
+    """Store an uploaded model file, inspect it (never unpickling), record it; on failure nothing remains.
+
+    TorchScript and ONNX files are read only in kd_core's sandbox child, here with a short wall-time limit
+    so the web process stays responsive. A file above `sync_inspect_max_bytes()` is recorded "inspecting"
+    and settled by `workers.inspect_checkpoint` (ready, or failed with the reason and the file deleted).
+    """
     from kd_core.checkpoints import inspect_checkpoint
+    from kd_core.sandbox import inspection_limits
 
     fmt = _extension(upload.name, CHECKPOINT_EXTENSIONS, "checkpoint")
     if arch is not None:
@@ -219,12 +264,67 @@ def create_checkpoint(
     )
     checkpoint.file.save(upload.name, upload, save=False)
     with _refusing(checkpoint.file, upload.name, CheckpointError):
-        with local_path(checkpoint.file) as path:
-            info = inspect_checkpoint(str(path), arch=arch, input_shape=input_shape, num_classes=num_classes)
-        _fill_checkpoint(checkpoint, _jsonable(info))
         checkpoint.size = checkpoint.file.size
+        if checkpoint.size > sync_inspect_max_bytes():
+            checkpoint.status = Checkpoint.INSPECTING
+            checkpoint.arch = arch  # the worker needs it to rebuild a bare state dict
+            checkpoint.save()
+            _enqueue_checkpoint_inspection(checkpoint.pk, checkpoint.file.name)
+            return checkpoint
+        with local_path(checkpoint.file) as path:
+            info = inspect_checkpoint(
+                str(path),
+                arch=arch,
+                input_shape=input_shape,
+                num_classes=num_classes,
+                sandbox_limits=inspection_limits(),
+            )
+        _fill_checkpoint(checkpoint, _jsonable(info))
         checkpoint.save()
     return checkpoint
+
+
+def _enqueue_checkpoint_inspection(checkpoint_id: int, file_name: str) -> None:
+    """Send `workers.inspect_checkpoint` to queue `default` once the row is committed."""
+
+    def send() -> None:
+        try:
+            celery_app.send_task(
+                "workers.inspect_checkpoint",
+                args=[checkpoint_id],
+                queue="default",
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:  # noqa: BLE001 - any broker failure means the same to the user
+            log.exception("could not enqueue the inspection of checkpoint %s", checkpoint_id)
+            fail_checkpoint_inspection(checkpoint_id, file_name, f"could not reach the job queue: {exc}")
+
+    transaction.on_commit(send)
+
+
+def finish_checkpoint_inspection(checkpoint_id: int, info: dict[str, Any]) -> bool:
+    """Record a worker's inspection of a checkpoint; False when the row is gone or no longer inspecting."""
+    checkpoint = Checkpoint.objects.filter(pk=checkpoint_id, status=Checkpoint.INSPECTING).first()
+    if checkpoint is None:
+        return False
+    _fill_checkpoint(checkpoint, _jsonable(info))
+    names = ("format", "arch", "num_params", "input_shape", "num_classes")
+    fields = {f: getattr(checkpoint, f) for f in names}
+    updated = Checkpoint.objects.filter(pk=checkpoint_id, status=Checkpoint.INSPECTING).update(
+        status=Checkpoint.READY, error="", class_names=checkpoint.class_names, **fields
+    )
+    return bool(updated)
+
+
+def fail_checkpoint_inspection(checkpoint_id: int, file_name: str, reason: str) -> bool:
+    """Mark an inspecting checkpoint failed with `reason` and delete its file (nothing half-usable left)."""
+    updated = Checkpoint.objects.filter(pk=checkpoint_id, status=Checkpoint.INSPECTING).update(
+        status=Checkpoint.FAILED, error=reason[:2000]
+    )
+    if updated:
+        delete_quietly(file_name)
+    return bool(updated)
 
 
 def _fill_checkpoint(checkpoint: Checkpoint, info: dict[str, Any]) -> None:
@@ -302,12 +402,17 @@ def create_experiments(owner, body: dict[str, Any]) -> list[Experiment]:
         )
     group = uuid.uuid4().hex if sweep is not None else ""
     experiments = []
+    notes = []
+    for config, label in parsed:
+        config.dataset = dataset.pk
+        config.teacher = teacher.pk if teacher else None
+        config.name = _experiment_name(config.name, f"{config.kind}-{dataset.name}", label)
+        note = _bound_logging(config, dataset)
+        if note:
+            notes.append(f"{label}: {note}" if label else note)
     with transaction.atomic():
-        for config, label in parsed:
-            config.dataset = dataset.pk
-            config.teacher = teacher.pk if teacher else None
-            base = config.name or f"{config.kind}-{dataset.name}"
-            config.name = f"{base} [{label}]"[:200] if label else base[:200]
+        _check_active_jobs(owner, len(parsed))
+        for config, _label in parsed:
             experiment = Experiment.objects.create(
                 owner=owner,
                 name=config.name,
@@ -319,7 +424,81 @@ def create_experiments(owner, body: dict[str, Any]) -> list[Experiment]:
             )
             enqueue_experiment(experiment)
             experiments.append(experiment)
+    for experiment in experiments:
+        experiment.notes = notes  # not a field: the view adds them to its answer
     return experiments
+
+
+def _experiment_name(given: str, default: str, label: str) -> str:
+    """The user's name (with the sweep label) in full, or a 400; a default name is shortened to fit."""
+    if label and len(label) > MAX_NAME_CHARS - 10:
+        raise ApiError(
+            f"the sweep label {label[:60]!r}... is {len(label):,} characters; names are at most "
+            f"{MAX_NAME_CHARS}: sweep over fewer or shorter values"
+        )
+    if given:
+        name = f"{given} [{label}]" if label else given
+        if len(name) > MAX_NAME_CHARS:
+            raise ApiError(
+                f"'name' with the sweep label would be {len(name)} characters; at most {MAX_NAME_CHARS} "
+                f"are allowed: shorten 'name' to {MAX_NAME_CHARS - len(label) - 3}"
+            )
+        return name
+    if not label:
+        return default[:MAX_NAME_CHARS]
+    return f"{default[: MAX_NAME_CHARS - len(label) - 3]} [{label}]"
+
+
+def _check_active_jobs(owner, adding: int) -> None:
+    """429 when `adding` more would put the user over KD_MAX_ACTIVE_JOBS queued or running experiments.
+
+    Called inside the creating transaction with the user's row locked (PostgreSQL; SQLite's
+    IMMEDIATE transactions already serialise writers), so two requests cannot both pass.
+    """
+    get_user_model().objects.select_for_update().filter(pk=owner.pk).exists()
+    limit = settings.KD_MAX_ACTIVE_JOBS
+    active = Experiment.objects.filter(owner=owner, status__in=Experiment.ACTIVE).count()
+    if active + adding > limit:
+        what = f"{adding} more" if adding > 1 else "another"
+        raise ApiError(
+            f"you have {active} queued or running experiment(s); {what} would pass the limit of {limit}. "
+            "Wait for some to finish or cancel them",
+            429,
+        )
+
+
+def _bound_logging(config: Any, dataset: Dataset) -> str | None:
+    """Raise config.log_every so no series passes KD_MAX_POINTS_PER_SERIES points; what changed, or None.
+
+    The step count is an upper bound (all of the dataset's samples taken as training samples), so the
+    stored config, which is the record, never logs more. Validation logs once an epoch, which
+    log_every cannot thin, so more epochs than the cap are refused.
+    """
+    from kd_core.trainer import batches_per_epoch  # the trainer's own arithmetic, not a copy
+
+    cap = settings.KD_MAX_POINTS_PER_SERIES
+    samples = dataset.num_samples or 0
+    if samples < 1:
+        return None
+    per_epoch = batches_per_epoch(samples, config.batch_size)
+    steps = config.epochs * per_epoch
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps)
+    epochs_run = -(-steps // per_epoch)
+    if config.kind != "codistill" and epochs_run > cap:
+        raise ApiError(
+            f"{epochs_run:,} epochs would log {epochs_run:,} validation points per series; at most {cap:,} "
+            "are kept: use fewer epochs or set max_steps"
+        )
+    if -(-steps // config.log_every) <= cap:
+        return None
+    floor = -(-steps // cap)
+    note = (
+        f"log_every raised from {config.log_every} to {floor}: the run has up to {steps:,} steps and "
+        f"each metric series keeps at most {cap:,} points"
+    )
+    config.log_every = floor
+    return note
 
 
 def _expand_sweep(body: dict[str, Any], sweep: Any) -> list[tuple[dict[str, Any], str]]:
@@ -337,8 +516,12 @@ def _expand_sweep(body: dict[str, Any], sweep: Any) -> list[tuple[dict[str, Any]
     total = 1
     for values in sweep.values():
         total *= len(values)
-    if total > MAX_SWEEP:
-        raise ApiError(f"'sweep' would create {total} experiments; at most {MAX_SWEEP} at once")
+        if total > settings.KD_MAX_SWEEP_SIZE:  # checked as it grows: 1000 lists of 1000 never multiply out
+            break
+    if total > settings.KD_MAX_SWEEP_SIZE:
+        raise ApiError(
+            f"'sweep' would create {_sweep_size(sweep)} experiments; at most {settings.KD_MAX_SWEEP_SIZE} at once"
+        )
     keys = list(sweep)
     out = []
     for combo in itertools.product(*(sweep[k] for k in keys)):
@@ -351,6 +534,16 @@ def _expand_sweep(body: dict[str, Any], sweep: Any) -> list[tuple[dict[str, Any]
         label = ", ".join(f"{k}={_short(v)}" for k, v in zip(keys, combo))
         out.append((values, label))
     return out
+
+
+def _sweep_size(sweep: dict[str, list]) -> str:
+    """The product of the list lengths as text, or 'more than 10**100' rather than a huge integer."""
+    total = 1
+    for values in sweep.values():
+        total *= len(values)
+        if total > 10**100:
+            return "more than 10**100"
+    return f"{total:,}"
 
 
 def _short(value: Any) -> str:
@@ -378,6 +571,11 @@ def _own_teacher(owner, ref: int | str | None) -> Checkpoint:
     teacher = Checkpoint.objects.filter(owner=owner, pk=ref).first()
     if teacher is None:
         raise ApiError(f"teacher {ref} not found among your checkpoints")
+    if teacher.status == Checkpoint.INSPECTING:
+        raise ApiError(f"teacher {ref} is still being inspected; use it once its status is ready")
+    if teacher.status != Checkpoint.READY:
+        reason = teacher.error or "no reason recorded"
+        raise ApiError(f"teacher {ref} failed inspection and cannot be used: {reason}")
     return teacher
 
 
@@ -404,42 +602,24 @@ def enqueue_experiment(experiment: Experiment) -> None:
             )
         except Exception as exc:  # noqa: BLE001 - any broker failure means the same to the user
             log.exception("could not enqueue experiment %s", experiment_id)
-            Experiment.objects.filter(pk=experiment_id, status=Experiment.QUEUED).update(
-                status=Experiment.FAILED,
-                error=f"could not reach the job queue: {exc}",
-                finished=timezone.now(),
-            )
+            experiment.finish(Experiment.FAILED, error=f"could not reach the job queue: {exc}")
 
     transaction.on_commit(send)
 
 
 def cancel_experiment(experiment: Experiment) -> Experiment:
-    """Queued: revoke and mark cancelled now. Running: ask the worker to stop. Finished: 409."""
-    updated = Experiment.objects.filter(pk=experiment.pk, status=Experiment.QUEUED).update(
-        status=Experiment.CANCELLED, cancel_requested=True, finished=timezone.now(), progress=0.0
-    )
-    if updated:
-        task_id = experiment.celery_task_id
-        if task_id:
-            transaction.on_commit(lambda: _revoke(task_id))
-    else:
-        # A worker may have started it since it was read; the worker's stop signal reads this flag.
-        Experiment.objects.filter(pk=experiment.pk, status=Experiment.RUNNING).update(cancel_requested=True)
-    experiment.refresh_from_db()
-    if not updated and experiment.status in Experiment.FINISHED:
+    """Queued: revoke and mark cancelled now. Running: ask the worker to stop. Finished: 409.
+
+    Experiment.cancel writes the row and sends the live status message.
+    """
+    was_queued = experiment.status == Experiment.QUEUED
+    if not experiment.cancel():
         raise ApiError(
             f"experiment {experiment.pk} already {experiment.status}; there is nothing to cancel", 409
         )
-    message = {
-        "type": "status",
-        "status": experiment.status,
-        "progress": experiment.progress,
-        "eta_s": experiment.eta_s,
-    }
-    if experiment.status == Experiment.RUNNING:
-        message["cancel_requested"] = True
-    experiment_id = experiment.pk
-    transaction.on_commit(lambda: broadcast(experiment_id, message))
+    task_id = experiment.celery_task_id
+    if was_queued and experiment.status == Experiment.CANCELLED and task_id:
+        transaction.on_commit(lambda: _revoke(task_id))
     return experiment
 
 
@@ -448,19 +628,6 @@ def _revoke(task_id: str) -> None:
         celery_app.control.revoke(task_id)
     except Exception:  # noqa: BLE001 - the worker also skips a job whose row says cancelled
         log.warning("could not revoke task %s", task_id, exc_info=True)
-
-
-def broadcast(experiment_id: int, message: dict[str, Any]) -> None:
-    """Send a message to the experiment's live sockets; best effort (the database is the record)."""
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    try:
-        async_to_sync(layer.group_send)(
-            f"experiment-{experiment_id}", {"type": "experiment.message", "message": message}
-        )
-    except Exception:  # noqa: BLE001 - a down channel layer must not fail the request
-        log.warning("could not broadcast to experiment %s", experiment_id, exc_info=True)
 
 
 def _jsonable(value: Any) -> Any:
