@@ -76,7 +76,7 @@ class SandboxLimits:
     """What one sandboxed child may use. Defaults come from KD_SANDBOX_* environment variables."""
 
     memory_mb: int = field(default_factory=lambda: int(_env_float("KD_SANDBOX_MEMORY_MB", 4096)))
-    cpu_s: int = field(default_factory=lambda: int(_env_float("KD_SANDBOX_CPU_S", 6 * 3600)))
+    cpu_s: int = field(default_factory=lambda: int(_env_float("KD_SANDBOX_CPU_S", 96 * 3600)))
     wall_s: float = field(default_factory=lambda: _env_float("KD_SANDBOX_WALL_S", 600.0))
     startup_s: float = field(default_factory=lambda: _env_float("KD_SANDBOX_STARTUP_S", 60.0))
     threads: int = field(
