@@ -1,4 +1,4 @@
-"""The Dataset object and the checks, splits, statistics and fingerprint every loader shares."""
+"""The Dataset object (in memory, or rows of a memory-mapped store) and the checks, splits and statistics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,12 +20,13 @@ from kd_core.limits import MAX_CLASSES, name_problem
 if TYPE_CHECKING:
     import torch
 
-# Caps on what an uploaded file may make us hold in memory; tests and deployments may lower them.
-MAX_ARRAY_BYTES = 2 * 1024**3
 # MAX_CLASSES (imported above) and the name bounds live in kd_core/limits.py, shared with the web app.
+# Uploaded data has no size cap: it is streamed into an on-disk store (kd_core/data/store.py).
 # A std below this is a constant feature: dividing by it would blow noise up, so it is taken as 1.
 STD_FLOOR = 1e-6
 SPLITS = ("train", "val", "test")
+# Rows read at once when a store's split is scanned (statistics, materialising): about this many bytes.
+SCAN_BYTES = 32 * 1024**2
 
 
 @dataclass
@@ -49,14 +52,150 @@ class RawData:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class RowFile:
+    """Rows of a C-order .npy file read with pread: thread-safe, and no page of it mapped into the process.
+
+    Reading through a memory map would count every page touched as the reader's RSS (a 4.5 GB store
+    read once would show as 4.5 GB resident); pread copies only the rows asked for.
+    """
+
+    # Row buffers per preadv call (IOV_MAX is 1024 on Linux).
+    IOV = 512
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran and len(shape) > 1:
+            raise DatasetError("the dataset store's x.npy is not in C order")
+        self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+        self.itemsize = self.dtype.itemsize
+        self.row_bytes = self.dtype.itemsize * math.prod(self.shape[1:])
+        self._file: Any = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None}  # reopened where unpickled
+
+    def _fd(self) -> int:
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115  # held for the object's life
+        return self._file.fileno()
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (any order, repeats allowed) in that order; each run of consecutive rows is one call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if not len(rows) or not self.row_bytes:
+            return out
+        if rows.min() < 0 or rows.max() >= len(self):
+            raise IndexError(f"row index out of range for a store of {len(self)} samples")
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        breaks = np.flatnonzero(np.diff(srt) != 1) + 1
+        fd = self._fd()
+        for s, e in zip([0, *breaks.tolist()], [*breaks.tolist(), len(srt)]):
+            for a in range(s, e, self.IOV):
+                b = min(e, a + self.IOV)
+                got = os.preadv(
+                    fd, [flat[k] for k in order[a:b].tolist()], self.offset + int(srt[a]) * self.row_bytes
+                )
+                if got != (b - a) * self.row_bytes:
+                    raise DatasetError("the dataset store's x.npy is truncated")
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self.read_rows(np.arange(start, min(stop, len(self))))
+
+
+class SplitView:
+    """Rows `index` of a memory-mapped store array, seen as the float32 model inputs (raw * scale).
+
+    Indexing returns float32 arrays; `raw(idx)` returns the stored dtype (uint8 pixels, float32
+    features) for loaders. numpy functions see the whole split as float32 (np.asarray), which is
+    only sensible for small data: training reads batches through Dataset.read.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, base: np.ndarray | RowFile, index: np.ndarray, scale: float) -> None:
+        self.base, self.index, self.scale = base, np.asarray(index, dtype=np.int64), float(scale)
+        self.shape = (len(self.index), *base.shape[1:])
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def raw(self, idx: Any) -> np.ndarray:
+        """Rows idx (positions in this split, any order) in the stored dtype, read in file order."""
+        rows = self.index[idx]
+        if isinstance(self.base, RowFile):
+            return self.base.read_rows(rows.reshape(-1)).reshape(*rows.shape, *self.shape[1:])
+        if rows.ndim == 0:
+            return np.asarray(self.base[int(rows)])
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.base.shape[1:]), dtype=self.base.dtype)
+        if len(rows):
+            out[order] = self.base[rows[order]]
+        return out
+
+    def to_float(self, raw: np.ndarray) -> np.ndarray:
+        x = raw.astype(np.float32)
+        return x if self.scale == 1.0 else x * np.float32(self.scale)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):
+            return np.asarray(self)[key]
+        return self.to_float(self.raw(np.arange(len(self))[key]))
+
+    def chunks(self, scan_bytes: int | None = None) -> Iterator[np.ndarray]:
+        """The split's raw rows in split order, a few MiB at a time."""
+        step = max(
+            1, (scan_bytes or SCAN_BYTES) // max(1, self.base.dtype.itemsize * math.prod(self.shape[1:]))
+        )
+        for start in range(0, len(self), step):
+            yield self.raw(np.arange(start, min(start + step, len(self))))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.float32)
+        start = 0
+        for raw in self.chunks():
+            out[start : start + len(raw)] = self.to_float(raw)
+            start += len(raw)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # ndarray methods (mean, std, reshape, ...) on the whole split as float32: small data only.
+        if name.startswith("_") or name in ("base", "index", "scale", "shape", "ndim"):
+            raise AttributeError(name)  # not set yet (unpickling): never materialise for these
+        return getattr(np.asarray(self), name)
+
+
 @dataclass
 class Dataset:
-    """A dataset split three ways. Arrays are RAW: the model applies `preprocessing` itself.
+    """A dataset split three ways. Inputs are RAW: the model applies `preprocessing` itself.
 
-    x arrays are float32 of shape (N, *input_shape); y arrays are int64 of shape (N,), or
-    None for an unlabelled transfer set. `preprocessing` holds the training split's mean and
-    std as lists with one value per entry of the first input axis: per channel for images
-    (N, C, H, W), per feature for vectors (N, F).
+    In memory (built-in data), x arrays are float32 of shape (N, *input_shape). Over a store, they
+    are SplitViews of the memory-mapped store: stored as uint8 pixels or float32 features, read a
+    batch at a time (`read`), and model input = x.astype(float32) * x_scale. y arrays are int64 of
+    shape (N,), or None for an unlabelled transfer set. `preprocessing` holds the training split's
+    mean and std (of the model inputs) as lists with one value per entry of the first input axis:
+    per channel for images (N, C, H, W), per feature for vectors (N, F).
     """
 
     name: str
@@ -75,10 +214,34 @@ class Dataset:
     fingerprint: str
     # Loader notes shown by inspection: skipped files, feature names, the label column.
     info: dict[str, Any] = field(default_factory=dict)
+    # model input = stored x as float32 * x_scale (1/255 for a store's uint8 pixels of a ZIP or folder).
+    x_scale: float = 1.0
+    # The store directory the splits are rows of, or None for data held in memory.
+    store_path: str | None = None
 
     @property
     def labeled(self) -> bool:
         return self.y_train is not None
+
+    @property
+    def x_dtype(self) -> str:
+        """The stored dtype of x: 'uint8' (pixels) or 'float32'."""
+        x = self.x_train
+        return str(x.base.dtype) if isinstance(x, SplitView) else "float32"
+
+    def split_size(self, split: str) -> int:
+        return len(self.split(split)[0])
+
+    def read(self, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows idx of a split (in idx order), x in the stored dtype (see x_dtype, x_scale), y int64 or None."""
+        x, y = self.split(split)
+        idx = np.asarray(idx, dtype=np.int64)
+        xs = x.raw(idx) if isinstance(x, SplitView) else np.asarray(x[idx])
+        return xs, None if y is None else y[idx]
+
+    def nbytes_float32(self, split: str) -> int:
+        """What holding the split as float32 would take."""
+        return self.split_size(split) * math.prod(self.input_shape) * 4
 
     @property
     def num_samples(self) -> int:
@@ -94,7 +257,7 @@ class Dataset:
         import torch  # deferred so inspecting an upload in a web process stays light
 
         x, y = self.split(split)
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+        xt = torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32))).to(device)
         yt = None if y is None else torch.from_numpy(np.ascontiguousarray(y)).to(device)
         return xt, yt
 
@@ -143,8 +306,6 @@ def check_x_layout(shape: tuple[int, ...], dtype: np.dtype, key: str, *, allow_e
         )
     if shape[0] == 0 and not allow_empty:
         raise DatasetError(f"'{key}' has no samples")
-    if math.prod(shape) * 4 > MAX_ARRAY_BYTES:
-        raise DatasetError(f"'{key}' is too large: at most {MAX_ARRAY_BYTES // 1024**2} MiB as float32")
 
 
 def check_finite(x: np.ndarray, key: str, offset: int = 0) -> None:
@@ -370,16 +531,23 @@ def flip_labels(y: np.ndarray, fraction: float, num_classes: int | None, seed: i
 
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std per entry of the first input axis (image channel or feature), chunked; std 1 below STD_FLOOR."""
-    axes = (0, *range(2, x.ndim))
-    shape = (x.shape[1],)
     # About 128 MiB of float64 per chunk, whatever the sample size.
     chunk = max(1, 2**24 // max(1, math.prod(x.shape[1:])))
+    return chunked_stats((x[s : s + chunk] for s in range(0, len(x), chunk)), x.shape[1])
+
+
+def chunked_stats(chunks: Iterator[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """channel_stats over float chunks of the samples (N_k, C, ...), in one pass."""
+    shape = (width,)
     count = 0
     mean = np.zeros(shape, dtype=np.float64)
     m2 = np.zeros(shape, dtype=np.float64)
-    for start in range(0, len(x), chunk):
-        part = x[start : start + chunk].astype(np.float64)
-        n_b = part.size // max(1, math.prod(shape))
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        part = chunk.astype(np.float64)
+        axes = (0, *range(2, part.ndim))
+        n_b = part.size // width
         mean_k = part.mean(axis=axes, keepdims=True)
         m2_b = ((part - mean_k) ** 2).sum(axis=axes)
         mean_b = mean_k.reshape(shape)
@@ -390,6 +558,30 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m2 = m2 + m2_b + delta**2 * (count * n_b / total)
         count = total
     std = np.sqrt(m2 / max(count, 1))
+    std = np.where(std < STD_FLOOR, 1.0, std)
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def split_stats(x: np.ndarray | SplitView) -> tuple[np.ndarray, np.ndarray]:
+    """channel_stats of a split's model inputs; a store's split is scanned in chunks, never copied whole.
+
+    uint8 pixels are counted per channel (a 256-bin histogram): exact, and several times faster
+    than float arithmetic over hundreds of millions of pixels.
+    """
+    if not isinstance(x, SplitView):
+        return channel_stats(x)
+    width = x.shape[1]
+    if x.base.dtype != np.uint8:
+        return chunked_stats((x.to_float(raw) for raw in x.chunks()), width)
+    hist = np.zeros((width, 256), dtype=np.int64)
+    for raw in x.chunks():
+        for c in range(width):
+            hist[c] += np.bincount(raw[:, c].ravel(), minlength=256)
+    values = np.arange(256, dtype=np.float64)
+    count = hist.sum(axis=1).astype(np.float64)
+    mean = (hist @ values) / np.maximum(count, 1)
+    var = np.maximum((hist @ values**2) / np.maximum(count, 1) - mean**2, 0.0)
+    mean, std = mean * x.scale, np.sqrt(var) * x.scale
     std = np.where(std < STD_FLOOR, 1.0, std)
     return mean.astype(np.float32), std.astype(np.float32)
 

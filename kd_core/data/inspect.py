@@ -1,4 +1,4 @@
-"""A JSON summary of a dataset with a small preview: what the web app shows after an upload."""
+"""A JSON summary of a dataset with a small preview: what the web app shows once a dataset is ingested."""
 
 from __future__ import annotations
 
@@ -19,28 +19,23 @@ PREVIEW_SIDE = 96
 
 
 def inspect_dataset(path_or_name: str | Path, *, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load (with the default splits) and summarise; raises DatasetError with a user-facing reason.
+    """Summarise a built-in dataset, a store, or a data file (ingested into its cached store first).
 
-    An uploaded file is not loaded whole (kd_core/data/lean.py): NPZ x arrays are checked and hashed
-    from the file in bounded chunks; CSV rows and decoded ZIP images go through a temporary file.
-    Same answer and errors as describing load_dataset's result, with little memory.
+    A store is never loaded whole: labels and split codes are read, x stays memory-mapped and only the
+    preview rows are touched. Raises DatasetError with a user-facing reason.
     """
-    from kd_core.data import load_dataset, source_format
-    from kd_core.data.lean import open_csv_dataset, open_npz_dataset, open_zip_dataset
+    from kd_core.data import BUILTIN_DATASETS, load_dataset, store_path
     from kd_core.data.options import check_options
+    from kd_core.data.store import open_store, store_dataset
 
     opts = check_options(options)
-    fmt = source_format(path_or_name, opts)
-    if fmt is not None:
-        path = Path(path_or_name)
-        opener = {"npz": lambda: open_npz_dataset(path), "csv": lambda: open_csv_dataset(path, opts),
-                  "zip": lambda: open_zip_dataset(path, opts)}[fmt]  # fmt: skip
-        try:
-            with opener() as ds:
-                return describe_dataset(ds)
-        except MemoryError as exc:
-            raise DatasetError("the dataset does not fit in memory") from exc
-    return describe_dataset(load_dataset(path_or_name, options=opts))
+    if isinstance(path_or_name, str) and path_or_name in BUILTIN_DATASETS:
+        return describe_dataset(load_dataset(path_or_name, options=opts))
+    try:
+        store = open_store(store_path(path_or_name, opts))
+        return describe_dataset(store_dataset(store, stats=False))
+    except MemoryError as exc:
+        raise DatasetError("the dataset does not fit in memory") from exc
 
 
 def describe_dataset(ds: Dataset) -> dict[str, Any]:

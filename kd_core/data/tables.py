@@ -1,4 +1,4 @@
-"""NPZ and CSV uploads: read with safety caps, never unpickling anything."""
+"""NPZ and CSV checks shared by the store's ingest: headers, names, labels; nothing is ever unpickled."""
 
 from __future__ import annotations
 
@@ -15,56 +15,24 @@ from typing import Any
 import numpy as np
 
 from kd_core.data import dataset as limits
-from kd_core.data.dataset import RawData
 from kd_core.errors import DatasetError
 from kd_core.limits import MAX_NAME_CHARS, name_problem
 
 MAX_NPZ_MEMBERS = 64
-MAX_CSV_BYTES = 1024**3
 MAX_CSV_COLUMNS = 100_000
 NPZ_KEYS = ("x", "y", "x_val", "y_val", "x_test", "y_test", "class_names")
 
 
-def load_npz(path: Path, options: dict[str, Any]) -> RawData:
-    """x, y and optional x_val/y_val, x_test/y_test, class_names; sizes checked before loading."""
-    check_npz_headers(path)
-    arrays: dict[str, np.ndarray] = {}
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            ignored = sorted(k for k in npz.files if k not in NPZ_KEYS)
-            for key in NPZ_KEYS:
-                if key in npz.files:
-                    arrays[key] = npz[key]
-    except DatasetError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"cannot read the NPZ file: {exc}") from exc
-    info = npz_info(arrays, ignored)
-    x = arrays["x"]
-    y = arrays.get("y")
-    class_names = npz_class_names(arrays)
-    return RawData(
-        name=path.stem,
-        format="npz",
-        x=x,
-        y=y,
-        x_val=arrays.get("x_val"),
-        y_val=arrays.get("y_val"),
-        x_test=arrays.get("x_test"),
-        y_test=arrays.get("y_test"),
-        class_names=class_names,
-        is_image=x.ndim == 4,
-        info=info,
-    )
+def npz_info(shapes: dict[str, tuple[int, ...]], ignored: list[str]) -> dict[str, Any]:
+    """The upload's info (ignored arrays, warnings) once 'x' is known to be there and not channels-last.
 
-
-def npz_info(arrays: dict[str, np.ndarray], ignored: list[str]) -> dict[str, Any]:
-    """The upload's info (ignored arrays, warnings) once 'x' is known to be there and not channels-last."""
-    if "x" not in arrays:
+    `shapes` maps each known array the file holds to its shape (from its header).
+    """
+    if "x" not in shapes:
         raise DatasetError(
-            f"the NPZ file has no array 'x' (it has: {', '.join(sorted(arrays) + ignored) or 'none'})"
+            f"the NPZ file has no array 'x' (it has: {', '.join(sorted(list(shapes) + ignored)) or 'none'})"
         )
-    warnings = npz_x_notes(arrays["x"])
+    warnings = npz_x_notes(shapes["x"])
     info: dict[str, Any] = {}
     if ignored:
         info["ignored_arrays"] = ignored
@@ -73,17 +41,17 @@ def npz_info(arrays: dict[str, np.ndarray], ignored: list[str]) -> dict[str, Any
     return info
 
 
-def npz_x_notes(x: np.ndarray) -> list[str]:
+def npz_x_notes(shape: tuple[int, ...]) -> list[str]:
     """Refuse channels-last images; warn about 3-D arrays."""
     warnings = []
-    if x.ndim == 4 and x.shape[1] not in (1, 2, 3, 4) and x.shape[3] in (1, 3, 4):
+    if len(shape) == 4 and shape[1] not in (1, 2, 3, 4) and shape[3] in (1, 3, 4):
         raise DatasetError(
-            f"'x' has shape {x.shape}, which looks channels-last (N, H, W, C); "
+            f"'x' has shape {shape}, which looks channels-last (N, H, W, C); "
             "save images channels-first (N, C, H, W), e.g. np.transpose(x, (0, 3, 1, 2))"
         )
-    if x.ndim == 3:
+    if len(shape) == 3:
         warnings.append(
-            f"'x' has shape {x.shape}: treated as feature arrays; save images as (N, 1, H, W) for image models"
+            f"'x' has shape {shape}: treated as feature arrays; save images as (N, 1, H, W) for image models"
         )
     return warnings
 
@@ -118,8 +86,12 @@ def read_npy_header(f: Any, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     return tuple(int(d) for d in shape), bool(fortran), dtype
 
 
-def check_npz_headers(path: Path) -> None:
-    """Read every member's .npy header: refuse object arrays and oversized shapes before allocating."""
+def check_npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], bool, np.dtype]]:
+    """Read every member's .npy header: refuse object arrays and oversized class lists before allocating.
+
+    Returns {array name: (shape, Fortran order, dtype)}. There is no cap on the arrays' size: they are
+    streamed to disk in chunks, never held whole.
+    """
     if not zipfile.is_zipfile(path):
         raise DatasetError(
             "the file is not an NPZ archive (save it with numpy.savez or numpy.savez_compressed)"
@@ -131,7 +103,7 @@ def check_npz_headers(path: Path) -> None:
                 raise DatasetError(
                     f"the NPZ file holds {len(infos)} arrays; at most {MAX_NPZ_MEMBERS} are allowed"
                 )
-            total = 0
+            headers: dict[str, tuple[tuple[int, ...], bool, np.dtype]] = {}
             for info in infos:
                 key = info.filename.removesuffix(".npy")
                 problem = name_problem(key, "an array name in the NPZ file")
@@ -140,7 +112,7 @@ def check_npz_headers(path: Path) -> None:
                 if not info.filename.endswith(".npy"):
                     raise DatasetError(f"the NPZ file holds '{info.filename}', which is not a .npy array")
                 with zf.open(info) as f:
-                    shape, _, dtype = read_npy_header(f, key)
+                    shape, fortran, dtype = read_npy_header(f, key)
                 if dtype.hasobject:
                     raise DatasetError(
                         f"array '{key}' holds Python objects, which would have to be unpickled; "
@@ -150,15 +122,12 @@ def check_npz_headers(path: Path) -> None:
                     raise DatasetError(f"array '{key}' is a structured (record) array; store plain arrays")
                 if key == "class_names":
                     check_class_names_header(shape, dtype)
-                total += math.prod(shape) * dtype.itemsize
-                if total > limits.MAX_ARRAY_BYTES:
-                    raise DatasetError(
-                        f"the NPZ arrays would take more than {limits.MAX_ARRAY_BYTES // 1024**2} MiB in memory"
-                    )
+                headers[key] = (shape, fortran, dtype)
     except DatasetError:
         raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"cannot read the NPZ file: {exc}") from exc
+    return headers
 
 
 def check_class_names_header(shape: tuple[int, ...], dtype: np.dtype) -> None:
@@ -178,44 +147,13 @@ def check_class_names_header(shape: tuple[int, ...], dtype: np.dtype) -> None:
         )
 
 
-def load_csv(path: Path, options: dict[str, Any]) -> RawData:
-    """Numeric feature columns plus an optional label column (integers or class-name strings)."""
-    with open_csv(path, options) as (header, label_idx, feat_idx, rows):
-        values = array("d")
-        labels: list[str] = []
-        lines: list[int] = []
-        for line, row_values, label in rows:
-            values.extend(row_values)
-            if label is not None:
-                labels.append(label)
-            lines.append(line)
-        if not lines:
-            raise DatasetError("the CSV file has a header but no data rows")
-        x = np.frombuffer(values, dtype=np.float64).reshape(len(lines), len(feat_idx))
-        bad = ~np.isfinite(x)
-        if bad.any():
-            r, c = (int(v) for v in np.argwhere(bad)[0])
-            raise DatasetError(csv_nonfinite_message(header[feat_idx[c]], x[r, c], r, lines[r]))
-        y, class_names = csv_labels(labels, lines) if label_idx is not None else (None, None)
-        with np.errstate(over="ignore"):  # beyond float32: refused as infinite by the dataset checks
-            x32 = x.astype(np.float32)
-    return RawData(
-        name=path.stem,
-        format="csv",
-        x=x32,
-        y=y,
-        class_names=class_names,
-        fingerprint_options=csv_fingerprint_options(header, label_idx),
-        info=csv_info(header, label_idx, feat_idx),
-    )
-
-
 @contextlib.contextmanager
 def open_csv(path: Path, options: dict[str, Any]):
-    """(header, label index or None, feature indices, iterator of (line, feature values, label)).
+    """(header, label index or None, feature indices, iterator of (line, feature values, label), position).
 
-    Rows are checked as they are read (field count, numbers, labels, the size cap); the caller keeps
-    what it needs. Errors are DatasetErrors with the row and line.
+    Rows are checked as they are read (field count, numbers, labels); the caller keeps what it needs;
+    `position()` is how many bytes of the file have been read. Errors are DatasetErrors with the row
+    and line. There is no size cap: the store ingests rows in chunks.
     """
     explicit = "label_column" in options
     label_column = options.get("label_column", "label")
@@ -224,12 +162,12 @@ def open_csv(path: Path, options: dict[str, Any]):
     problem = name_problem(label_column, "dataset option 'label_column'")
     if problem:
         raise DatasetError(problem)
-    if path.stat().st_size > MAX_CSV_BYTES:
-        raise DatasetError(f"the CSV file is larger than {MAX_CSV_BYTES // 1024**2} MiB")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader, header, label_idx, feat_idx = _csv_header(f, label_column, explicit)
-            yield header, label_idx, feat_idx, _csv_rows(reader, header, label_idx, feat_idx)
+            # Bytes read so far (ahead of the rows by one buffer): for progress reports.
+            position = f.buffer.tell
+            yield header, label_idx, feat_idx, _csv_rows(reader, header, label_idx, feat_idx), position
     except UnicodeDecodeError as exc:
         raise DatasetError("the CSV file is not UTF-8 text") from exc
     except csv.Error as exc:
@@ -306,8 +244,6 @@ def _csv_rows(
                     f"characters; a label is at most {MAX_NAME_CHARS}"
                 )
         n += 1
-        if n * len(feat_idx) * 4 > limits.MAX_ARRAY_BYTES:
-            raise DatasetError(f"the CSV data would take more than {limits.MAX_ARRAY_BYTES // 1024**2} MiB")
         yield line, row_values, label
 
 
@@ -344,29 +280,64 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def csv_labels(labels: list[str], lines: list[int]) -> tuple[np.ndarray, list[str] | None]:
-    """Integer labels index the classes; any non-numeric label makes them all class names (sorted)."""
-    if all(_is_number(v) for v in labels):
-        nums = np.array([float(v) for v in labels])
-        bad = ~np.isfinite(nums) | (nums != np.round(nums))
+class CsvLabels:
+    """Labels collected row by row as ids into the distinct values seen: memory per row is 8 bytes.
+
+    A CSV of millions of rows has few distinct labels; keeping each row's label string would cost
+    ~60 bytes a row. More than 2 * MAX_CLASSES distinct values cannot be a valid label column.
+    """
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        self.ids = array("q")
+        self.values: dict[str, int] = {}
+
+    def add(self, label: str) -> None:
+        i = self.values.get(label)
+        if i is None:
+            if len(self.values) >= 2 * limits.MAX_CLASSES:
+                raise DatasetError(
+                    f"the label column '{self.column}' has more than {2 * limits.MAX_CLASSES} distinct values; "
+                    f"at most {limits.MAX_CLASSES} classes"
+                )
+            i = self.values[label] = len(self.values)
+        self.ids.append(i)
+
+
+def csv_labels(labels: CsvLabels, lines: Any) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels index the classes; any non-numeric label makes them all class names (sorted).
+
+    `lines[i]` is the file line of row i, for messages that name the first offending row.
+    """
+    distinct = list(labels.values)
+    ids = np.frombuffer(labels.ids, dtype=np.int64)
+
+    def first_row(bad_values: np.ndarray) -> int:
+        return int(np.flatnonzero(np.isin(ids, np.flatnonzero(bad_values)))[0])
+
+    if all(_is_number(v) for v in distinct):
+        numbers = np.array([float(v) for v in distinct])
+        nums = numbers[ids]
+        bad = ~np.isfinite(numbers) | (numbers != np.round(numbers))
         if bad.any():
-            i = int(np.flatnonzero(bad)[0])
+            i = first_row(bad)
             raise DatasetError(
-                f"labels must be integers or class names; row {i + 1} (line {lines[i]}) has {labels[i]!r}"
+                f"labels must be integers or class names; row {i + 1} (line {lines[i]}) has {distinct[ids[i]]!r}"
             )
         if nums.max() >= limits.MAX_CLASSES:
             i = int(np.argmax(nums))
             raise DatasetError(
-                f"label {labels[i]!r} on line {lines[i]} is too large: at most {limits.MAX_CLASSES} classes"
+                f"label {distinct[ids[i]]!r} on line {lines[i]} is too large: at most {limits.MAX_CLASSES} classes"
             )
         if nums.min() < 0:
             i = int(np.argmin(nums))
-            raise DatasetError(f"labels must be >= 0; row {i + 1} (line {lines[i]}) has {labels[i]!r}")
+            raise DatasetError(f"labels must be >= 0; row {i + 1} (line {lines[i]}) has {distinct[ids[i]]!r}")
         return nums.astype(np.int64), None
-    names = sorted(set(labels))
+    names = sorted(distinct)
     if len(names) > limits.MAX_CLASSES:
         raise DatasetError(
             f"the label column has {len(names)} distinct values; at most {limits.MAX_CLASSES} classes"
         )
     index = {n: i for i, n in enumerate(names)}
-    return np.array([index[v] for v in labels], dtype=np.int64), names
+    rank = np.array([index[v] for v in distinct], dtype=np.int64)
+    return rank[ids], names

@@ -79,7 +79,7 @@ def test_inspection_refuses_with_the_loaders_message(tmp_path, case, compressed)
 
 
 def test_nan_deep_in_a_later_chunk_names_its_sample(tmp_path, monkeypatch):
-    from kd_core.data import lean
+    from kd_core.data import store as lean
 
     monkeypatch.setattr(lean, "CHUNK_BYTES", 64)  # 4 samples of 4 float32 per chunk
     x = np.ones((50, 4), dtype=np.float32)
@@ -164,7 +164,7 @@ def test_csv_inspection_equals_describing_the_loaded_dataset(tmp_path, case):
 
 @pytest.mark.parametrize("case", range(len(CSV_BAD)))
 def test_csv_inspection_refuses_with_the_loaders_message(tmp_path, case, monkeypatch):
-    from kd_core.data import lean
+    from kd_core.data import store as lean
 
     monkeypatch.setattr(
         lean, "CHUNK_BYTES", 32
@@ -177,7 +177,7 @@ def test_csv_inspection_refuses_with_the_loaders_message(tmp_path, case, monkeyp
 
 
 def test_inspecting_a_csv_keeps_only_labels_in_memory(tmp_path, monkeypatch):
-    from kd_core.data import lean
+    from kd_core.data import store as lean
 
     monkeypatch.setattr(lean, "CHUNK_BYTES", 256 * 1024)
     rows, cols = 10_000, 100  # 8 MB of float64 values: what the loader holds, before its float32 copy
