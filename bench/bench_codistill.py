@@ -156,8 +156,7 @@ WORKER = textwrap.dedent(
     """
     import json, sys
     import torch
-    from kd_core.codistill_exchange import FileExchange
-    from kd_core.codistill_group import run_codistill_group
+    from kd_core.codistill import FileExchange, run_codistill_group
     from kd_core.config import parse_config
     from kd_core.data import load_dataset
     from kd_core.sinks import ListSink

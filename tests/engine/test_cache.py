@@ -109,7 +109,8 @@ def test_cached_logits_equal_the_teachers(digits, teacher_file, tmp_path):
     x = torch.as_tensor(digits.x_val)
     cache = TeacherLogitCache(tmp_path)
     got = cache.logits(teacher, digits, "val", x)
-    torch.testing.assert_close(got, teacher.logits(x))
+    # Stored as fp16 (half the disk of a large transfer set): equal to about 3 significant digits.
+    torch.testing.assert_close(got, teacher.logits(x), rtol=1e-3, atol=1e-3)
     again = TeacherLogitCache(tmp_path).logits(teacher, digits, "val", x)  # from disk
     assert torch.equal(again, got)
     # Another dataset fingerprint or split is another key.

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,20 +16,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from kd_core.codistill import (
+    FileExchange,
+    MemoryExchange,
+    combine_group_results,
     copy_step_at,
+    load_saved_dataset,
     make_model,
     peer_logits_for,
+    replica_batches,
     replica_loss,
-    replica_orders,
     run_codistill,
-    shard_indices,
-)
-from kd_core.codistill_exchange import FileExchange, MemoryExchange
-from kd_core.codistill_group import (
-    combine_group_results,
-    load_saved_dataset,
     run_codistill_group,
     save_dataset,
+    shard_indices,
 )
 from kd_core.config import parse_config
 from kd_core.data import load_dataset
@@ -117,6 +117,14 @@ def test_no_gradient_into_peers_and_plain_ce_before_burn_in():
 # ---------------------------------------------------------------- schedules, orders, shards
 
 
+def replica_orders(cfg, n):
+    """Each replica's batches over a stand-in train split of n samples (the loader's order only)."""
+    ds = SimpleNamespace(
+        x_train=np.zeros((n, 2), np.float32), y_train=np.zeros(n, np.int64), input_shape=(2,)
+    )
+    return [replica_batches(cfg, ds, k, "cpu") for k in range(cfg.codistill.replicas)]
+
+
 def test_copy_schedule():
     got = [copy_step_at(s, 8, 5) for s in range(20)]
     assert got == [-1] * 8 + [8] * 5 + [13] * 5 + [18] * 2
@@ -128,7 +136,9 @@ def test_disjoint_shards_are_disjoint_and_cover():
     assert sorted(joined.tolist()) == list(range(103))
     assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
     orders = replica_orders(config(replicas=3, data="disjoint"), 103)
-    seen = [set(np.concatenate([o.batch(s) for s in range(o.per_epoch)]).tolist()) for o in orders]
+    seen = [
+        set(np.concatenate([o.batch_indices(s) for s in range(o.steps_per_epoch)]).tolist()) for o in orders
+    ]
     assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])
     assert set().union(*seen) == set(range(103))
 
@@ -137,9 +147,9 @@ def test_lockstep_walks_the_same_batches_other_modes_do_not():
     same = replica_orders(config(exchange="predictions", replicas=3), 200)
     own = replica_orders(config(replicas=3), 200)
     for step in range(20):
-        assert np.array_equal(same[0].batch(step), same[1].batch(step))
-        assert np.array_equal(same[0].batch(step), same[2].batch(step))
-    assert any(not np.array_equal(own[0].batch(s), own[1].batch(s)) for s in range(20))
+        assert np.array_equal(same[0].batch_indices(step), same[1].batch_indices(step))
+        assert np.array_equal(same[0].batch_indices(step), same[2].batch_indices(step))
+    assert any(not np.array_equal(own[0].batch_indices(s), own[1].batch_indices(s)) for s in range(20))
 
 
 def test_config_refuses_predictions_across_processes():
@@ -212,15 +222,12 @@ def test_cancel_stops_and_exports_what_was_trained(data, tmp_path):
     assert Path(result.files["onnx"]).is_file() and Path(result.files["replica1.safetensors"]).is_file()
 
 
-def test_resume_from_checkpoint_gives_the_same_weights(data, tmp_path, monkeypatch):
-    import kd_core.codistill as cd
-
-    monkeypatch.setattr(cd, "CHECKPOINT_EVERY_S", -1.0)  # checkpoint after every step
+def test_resume_from_checkpoint_gives_the_same_weights(data, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     calls = iter(range(1000))
     first = run_codistill(
         config(), data, out_dir=tmp_path / "a", sink=ListSink(), should_stop=lambda: next(calls) >= 11,
-        checkpoint_path=ckpt,
+        checkpoint_path=ckpt, checkpoint_every_s=-1.0,  # checkpoint after every step
     )  # fmt: skip
     assert first.stopped and ckpt.is_file()
     resumed = run_codistill(config(), data, out_dir=tmp_path / "b", sink=ListSink(), checkpoint_path=ckpt)
@@ -309,8 +316,7 @@ def test_worker_processes_reach_a_non_file_exchange_through_the_parent(data, tmp
 WORKER = textwrap.dedent(
     """
     import json, sys
-    from kd_core.codistill_exchange import FileExchange
-    from kd_core.codistill_group import run_codistill_group
+    from kd_core.codistill import FileExchange, run_codistill_group
     from kd_core.config import parse_config
     from kd_core.data import load_dataset
     from kd_core.sinks import ListSink
@@ -421,7 +427,7 @@ def test_a_group_keeps_its_best_weights_and_logs_live_ensemble_figures(data, tmp
 
 
 def test_experiment_progress_is_the_mean_over_groups_and_eta_the_slowest():
-    from kd_core.codistill_group import group_status
+    from kd_core.codistill import group_status
 
     assert group_status({0: 0.5, 1: 1.0, 2: 0.0}, {0: 10.0, 1: None, 2: 30.0}) == (0.5, 30.0)
     assert group_status({0: 0.2}, {}) == (0.2, None)

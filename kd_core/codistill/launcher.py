@@ -1,16 +1,11 @@
-"""Codistillation groups beyond one loop: data-parallel subprocess groups, one group per task, and the merged result.
+"""Codistillation groups beyond one loop: data-parallel worker subprocesses, one group per task, the worker entry.
 
-Entry points:
-- `run_codistill_group(config, dataset, g, exchange, ...)`: train group g (its `group_size`
-  workers launched as subprocesses when > 1), swapping stale copies with the other groups
-  through `exchange`; exports replica{g}.* and returns that replica's RunResult. What a
-  Celery task calls, one task per group, on any machine that sees the exchange.
-- `combine_group_results(config, dataset, group_files, ...)`: the experiment's result (best
-  replica, ensemble accuracy, churn) from every group's exported replica.
-- `run_groups_in_subprocesses(...)`: all groups of one experiment from one caller
-  (`run_codistill` with `group_size > 1`).
-- `python -m kd_core.codistill_group --job DIR --group G --rank R --world W --init URL`: one
-  worker process of a group (launched by the functions above, not by users).
+- `run_groups_in_subprocesses(...)`: all groups of one experiment from one caller (`run_codistill`
+  with `group_size > 1`).
+- `run_codistill_group(config, dataset, g, exchange, ...)`: train group g (its `group_size` workers
+  launched as subprocesses when > 1); what a Celery task calls, one task per group.
+- `python -m kd_core.codistill.launcher --job DIR --group G --rank R --world W --init URL`: one worker
+  process of a group (launched by the functions above, not by users).
 """
 
 from __future__ import annotations
@@ -33,57 +28,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 
 from kd_core.atomic import atomic_write
-from kd_core.codistill import (
-    BatchOrder,
-    KeepBest,
-    best_index,
-    check_finite,
-    check_trainable,
-    copy_step_at,
-    eval_period,
-    eval_splits,
-    export_replica,
-    final_metrics,
-    make_model,
-    measure_replicas,
-    replica_loss,
-    replica_seed,
-    replica_train_indices,
-    split_metrics,
-    student_files,
-    val_values,
-)
-from kd_core.codistill_exchange import FileExchange, GroupExchange
+from kd_core.codistill.combine import combine_group_results, load_replica
+from kd_core.codistill.common import best_index, check_trainable
+from kd_core.codistill.exchange import FileExchange, GroupExchange
+from kd_core.codistill.group_loop import train_group
 from kd_core.config import ExperimentConfig, parse_config
-from kd_core.errors import CheckpointError, TrainingError
-from kd_core.models import count_params
-from kd_core.runner import RunResult
+from kd_core.errors import TrainingError
+from kd_core.result import RunResult
 from kd_core.sinks import MetricsSink, NullSink
-from kd_core.trainer import (
-    lr_at,
-    make_augment,
-    make_optimizer,
-    plan_steps,
-    predict_logits,
-    set_lr,
-    split_tensors,
-)
 
 # How long a worker waits for its group's peers in a collective before giving up: a rank that
 # died must not hang the others until gloo's 30-minute default.
 COLLECTIVE_TIMEOUT_S = 120
 RELAY_PERIOD_S = 0.2
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    """Where collectives take their tensors: NCCL on the GPU, gloo on the CPU (any worker device)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return device
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------- the dataset handed to subprocesses
@@ -112,233 +72,6 @@ def load_saved_dataset(folder: Path) -> Any:
         arrays = {k: npz[k] for k in npz.files}
     meta["input_shape"] = tuple(meta["input_shape"])
     return Dataset(**meta, **arrays)
-
-
-# ---------------------------------------------------------------- one group's loop (any rank)
-
-
-class _Peers:
-    """Stale copies of the other groups, refreshed only when this group reaches an exchange step."""
-
-    def __init__(self, config: ExperimentConfig, dataset: Any, group: int, device: torch.device) -> None:
-        self.config, self.dataset, self.device = config, dataset, device
-        self.others = [j for j in range(config.codistill.replicas) if j != group]
-        self.models: dict[int, nn.Module] = {}
-        self.versions = {j: 0 for j in self.others}
-
-    def _model(self, j: int) -> nn.Module:
-        if j not in self.models:
-            self.models[j] = (
-                make_model(self.config, self.dataset, j, self.device).eval().requires_grad_(False)
-            )
-        return self.models[j]
-
-    def refresh(self, exchange: GroupExchange | None, rank: int, world: int) -> None:
-        """Rank 0 reads the newest copies; the group's other ranks receive the same ones from it."""
-        latest = torch.zeros(len(self.others), dtype=torch.int64)
-        states: dict[int, dict[str, torch.Tensor]] = {}
-        if rank == 0 and exchange is not None:
-            for i, j in enumerate(self.others):
-                if exchange.version(j) > self.versions[j]:
-                    entry = exchange.latest(j)
-                    if entry is not None and entry[0] > self.versions[j]:
-                        latest[i] = entry[0]
-                        states[j] = entry[1]
-        if world > 1:
-            on_wire = latest.to(_comm_device(self.device))
-            dist.broadcast(on_wire, src=0)
-            latest = on_wire.cpu()
-        for i, j in enumerate(self.others):
-            version = int(latest[i])
-            if version <= self.versions[j]:
-                continue
-            model = self._model(j)
-            if rank == 0:
-                try:
-                    model.load_state_dict(states[j])
-                except RuntimeError as exc:
-                    raise CheckpointError(
-                        f"group {j}'s exchanged copy does not fit this model: {exc}"
-                    ) from exc
-            if world > 1:
-                for tensor in model.state_dict().values():
-                    buf = tensor.detach().to(_comm_device(tensor.device), copy=True)
-                    dist.broadcast(buf, src=0)
-                    tensor.copy_(buf.to(tensor.device))
-            self.versions[j] = version
-
-    def live_ensemble(self, own: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor) -> dict[str, float]:
-        """Live ensemble accuracy/loss and churn on validation: own logits with every held copy.
-
-        The copies are stale (up to `exchange_every` steps), so these curves trail the exact
-        final figures `combine_group_results` logs; nothing until every other group's copy is held.
-        """
-        if not self.others or any(v == 0 for v in self.versions.values()):
-            return {}
-        logits = [own, *(predict_logits(self.models[j], x_val) for j in self.others)]
-        m = split_metrics(logits, y_val)
-        return {"ensemble/val/acc": m["ens_acc"], "ensemble/val/loss": m["ens_loss"], "churn": m["churn"]}
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [self.models[j](x) for j in self.others if j in self.models]
-
-
-def _group_loop(
-    config: ExperimentConfig,
-    dataset: Any,
-    group: int,
-    exchange: GroupExchange | None,
-    *,
-    rank: int,
-    world: int,
-    out_dir: Path,
-    sink: MetricsSink,
-    should_stop: Callable[[], bool],
-    device: torch.device,
-) -> tuple[dict[str, float] | None, dict[str, str], bool, nn.Module]:
-    """Train group `group` (this process is its worker `rank` of `world`).
-
-    Returns (metrics, files, stopped, model); only rank 0 exports replica{group}.* and measures
-    (the others return None metrics and no files).
-    """
-    cd = config.codistill
-    x_train, y_train = split_tensors(dataset, "train", device)
-    indices = replica_train_indices(config, len(x_train), group)
-    order = BatchOrder(indices, config.batch_size, replica_seed(config.seed, group, "data"))
-    smallest = min(len(replica_train_indices(config, len(x_train), k)) for k in range(cd.replicas))
-    total, per_epoch = plan_steps(config, smallest)
-    augment = make_augment(config, dataset, x_train)
-    aug_gen = torch.Generator(device=device).manual_seed(replica_seed(config.seed, group, "data") + 1 + rank)
-    torch.manual_seed(config.seed + 7919 * rank)  # dropout differs across the group's workers
-
-    model = make_model(config, dataset, group, device).train()
-    optimizer = make_optimizer(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if world > 1:
-        for tensor in model.state_dict().values():  # same seed gives the same init; make sure of it
-            buf = tensor.detach().to(_comm_device(tensor.device), copy=True)
-            dist.broadcast(buf, src=0)
-            tensor.copy_(buf.to(tensor.device))
-    peers = _Peers(config, dataset, group, device)
-    keep = KeepBest()
-    val_split, test_split = eval_splits(dataset, x_train, y_train)
-    x_val, y_val = val_split
-    eval_every = eval_period(config.log_every, per_epoch)
-    p = f"replica{group}/"
-
-    t0 = time.perf_counter()
-    last_log_t, last_log_step, samples_since = t0, 0, 0
-    sums = torch.zeros(3, dtype=torch.float64)
-    copy_step = -1
-    stopped = False
-    step = 0
-    while step < total:
-        stop_here = bool(should_stop())
-        if world == 1 and stop_here:
-            stopped = True
-            break
-        distilling = cd.replicas > 1 and step >= cd.burn_in_steps
-        if distilling:
-            want = copy_step_at(step, cd.burn_in_steps, cd.exchange_every)
-            if want != copy_step:
-                if rank == 0 and exchange is not None:
-                    exchange.publish(group, step, model.state_dict())
-                peers.refresh(exchange, rank, world)
-                copy_step = want
-        lr = lr_at(config, step, total, per_epoch)
-        batch = order.batch(step)
-        part = np.array_split(batch, world)[rank] if world > 1 else batch
-        idx = torch.as_tensor(part, device=device)
-        xb, yb = x_train[idx], y_train[idx]
-        if augment is not None:
-            xb = augment(xb, aug_gen)
-        share = len(part) / len(batch)
-        optimizer.zero_grad(set_to_none=False)
-        stats = torch.zeros(3, dtype=torch.float64)
-        if len(part):  # a short last batch may leave a worker nothing: it adds zero gradients
-            z = model(xb)
-            peer_logits = peers.forward(xb) if distilling else []
-            loss, hard, term = replica_loss(
-                z, yb, peer_logits, distill=distilling, loss=cd.loss, weight=cd.weight
-            )
-            # Each worker's mean loss weighted by its share of the batch: summed over the group,
-            # the gradient is exactly the full batch's mean gradient (synchronous data parallelism).
-            (loss * share).backward()
-            stats = torch.tensor([loss.item(), hard.item(), term.item()], dtype=torch.float64) * share
-        if world > 1:
-            grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
-            flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device(device), torch.float64)
-            extra = torch.tensor([*stats.tolist(), 1.0 if stop_here else 0.0], dtype=torch.float64)
-            flat = torch.cat([flat, extra.to(flat.device)])
-            dist.all_reduce(flat)
-            offset = 0
-            for q in params:
-                n = q.numel()
-                q.grad = flat[offset : offset + n].view_as(q).to(q.device, q.dtype)
-                offset += n
-            stats = flat[offset : offset + 3].cpu()
-            stop_here = bool(flat[offset + 3] > 0)
-        set_lr(optimizer, lr)
-        optimizer.step()
-        check_finite(float(stats[0]), group, step)
-        sums += stats
-        samples_since += len(batch)
-        step += 1
-        if world > 1 and stop_here:
-            stopped = True
-
-        log_now = step % config.log_every == 0 or step == total or stopped
-        val = None
-        if log_now and (step % eval_every == 0 or step == total or stopped):
-            # Every rank evaluates its (identical) weights, so all keep the same best ones.
-            val_logits = predict_logits(model, x_val)
-            val = split_metrics([val_logits], y_val)
-            keep.offer(step, val["acc"][0], val["loss"][0], model)
-        if rank == 0 and log_now:
-            now = time.perf_counter()
-            n_steps = max(step - last_log_step, 1)
-            values = {
-                p + "train/loss": float(sums[0]) / n_steps,
-                p + "train/loss_hard": float(sums[1]) / n_steps,
-                p + "train/loss_distill": float(sums[2]) / n_steps,
-                p + "lr": lr,
-                p + "samples_per_s": samples_since / max(now - last_log_t, 1e-9),
-                p + "exchange/copy_step": float(copy_step),
-            }
-            for j, v in peers.versions.items():
-                values[f"{p}exchange/peer{j}_version"] = float(v)
-            if val is not None:
-                values[p + "val/loss"] = val["loss"][0]
-                values[p + "val/acc"] = val["acc"][0]
-                if group == 0 and step < total and not stopped:
-                    values.update(peers.live_ensemble(val_logits, x_val, y_val))
-            sink.log(step, values)
-            sink.status(step / total, (now - t0) / step * (total - step))
-            sums.zero_()
-            last_log_t, last_log_step, samples_since = now, step, 0
-        if stopped:
-            break
-
-    keep.restore(model)  # the best weights on validation, as train/distill export
-    if rank != 0:
-        return None, {}, stopped, model
-    if exchange is not None and cd.replicas > 1:
-        exchange.publish(group, step, model.state_dict())  # the final (kept) copy, for laggards
-    val, test, _ = measure_replicas([model], val_split, test_split)
-    files = export_replica(model, dataset, out_dir, f"replica{group}", config)
-    metrics = {
-        "val_acc": val["acc"][0],
-        "val_loss": val["loss"][0],
-        "test_acc": test["acc"][0],
-        "test_loss": test["loss"][0],
-        "student_params": float(count_params(model)),
-        "steps": float(step),
-        "kept_step": float(keep.step if keep.state is not None else step),
-        "group": float(group),
-        "train_time_s": time.perf_counter() - t0,
-    }
-    return metrics, files, stopped, model
 
 
 # ---------------------------------------------------------------- worker subprocesses
@@ -434,7 +167,7 @@ def _launch_group(
     for rank in range(world):
         log = folder / f"rank{rank}.log"
         cmd = [
-            sys.executable, "-m", "kd_core.codistill_group",
+            sys.executable, "-m", "kd_core.codistill.launcher",
             "--job", str(job), "--group", str(group), "--rank", str(rank), "--world", str(world),
             "--init", init, "--device", str(device), "--out", str(out_dir), "--exchange", str(exchange_dir),
         ]  # fmt: skip
@@ -663,7 +396,7 @@ def run_codistill_group(
     out_dir.mkdir(parents=True, exist_ok=True)
     world = config.codistill.group_size
     if world == 1:
-        metrics, files, stopped, model = _group_loop(
+        metrics, files, stopped, model = train_group(
             config, dataset, group_index, exchange, rank=0, world=1, out_dir=out_dir, sink=sink,
             should_stop=should_stop, device=torch.device(device),
         )  # fmt: skip
@@ -688,61 +421,8 @@ def run_codistill_group(
             f"codistillation group {group_index} failed:\n{failed.get(group_index, '')[-1200:]}"
         )
     result = json.loads((item.folder / "result.json").read_text())
-    model = _load_replica(
-        config, dataset, files[group_index]["safetensors"], group_index, torch.device("cpu")
-    )
+    model = load_replica(config, dataset, files[group_index]["safetensors"], group_index, torch.device("cpu"))
     return RunResult(metrics=result["metrics"], files=files[group_index], stopped=stopped, model=model)
-
-
-def _load_replica(
-    config: ExperimentConfig, dataset: Any, path: str, group: int, device: torch.device
-) -> nn.Module:
-    model = make_model(config, dataset, group, device)
-    try:
-        model.load_state_dict(load_file(path, device=str(device)))
-    except (RuntimeError, OSError) as exc:
-        raise CheckpointError(f"replica {group}'s exported weights do not load: {exc}") from exc
-    return model.eval()
-
-
-def combine_group_results(
-    config: ExperimentConfig,
-    dataset: Any,
-    group_files: Sequence[Mapping[str, str] | None],
-    *,
-    out_dir: str | Path,
-    sink: MetricsSink | None = None,
-    device: torch.device | str = "cpu",
-    step: int | None = None,
-) -> RunResult:
-    """The experiment's RunResult from each group's exported replica (None for a group that failed).
-
-    With a `sink`, logs the final ensemble/churn/best-replica series at `step` (the last step
-    trained; default config.max_steps or 0).
-
-    `group_files[g]` is group g's RunResult.files ({"safetensors", "torchscript", "onnx"}). The
-    best replica (validation accuracy) becomes student.*; metrics as run_codistill's: val_acc,
-    test_acc, student_params of the best replica, ensemble_val_acc/ensemble_test_acc over the
-    surviving replicas, churn, replica{g}_val_acc/_test_acc, best_replica.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
-    alive = [g for g, f in enumerate(group_files) if f and f.get("safetensors")]
-    if not alive:
-        raise TrainingError("no codistillation group left a trained replica")
-    models = [_load_replica(config, dataset, group_files[g]["safetensors"], g, device) for g in alive]
-    x_train, y_train = split_tensors(dataset, "train", device)
-    val, test, best = measure_replicas(models, *eval_splits(dataset, x_train, y_train))
-    per_files: list[dict[str, str] | None] = [None] * len(group_files)
-    for g in alive:
-        per_files[g] = dict(group_files[g])
-    files = student_files(per_files, alive[best], out_dir)
-    metrics = final_metrics(val, test, best, count_params(models[best]), 0, alive=alive)
-    metrics.pop("steps")
-    if sink is not None:
-        sink.log(int(step if step is not None else config.max_steps or 0), val_values(val, best, names=alive))
-    return RunResult(metrics=metrics, files=files, stopped=False, model=models[best])
 
 
 # ---------------------------------------------------------------- worker process entry point
@@ -789,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop_file.exists() or os.getppid() != parent
 
     try:
-        result = _group_loop(
+        result = train_group(
             config, dataset, args.group, FileExchange(args.exchange), rank=args.rank, world=args.world,
             out_dir=Path(args.out), sink=sink, should_stop=should_stop, device=device,
         )  # fmt: skip

@@ -1,0 +1,385 @@
+"""Batches from a dataset split: resumable order, device-resident or streamed by threads, augmentation on the device."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd_core.errors import ConfigError, DatasetError
+
+# A split whose float32 form fits under this stays on the device whole (digits- and CIFAR-sized data):
+# a batch is then one index into a tensor. Larger splits are read batch by batch from the store.
+RESIDENT_MAX_BYTES = int(os.environ.get("KD_RESIDENT_MAX_MB", "1024")) * 1024 * 1024
+NOISE_SCALE = 0.1  # "noise" augmentation: gaussian noise at this fraction of each feature's std
+_READ_CHUNK = 4096  # rows per read when a split is moved to the device whole or summed
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+# --------------------------------------------------------------------------- reading a split
+
+
+def split_size(dataset: Any, split: str) -> int:
+    """Samples in one split (the store's `split_size`, else the length of the in-memory array)."""
+    if hasattr(dataset, "split_size"):
+        return int(dataset.split_size(split))
+    x = getattr(dataset, f"x_{split}", None)
+    return 0 if x is None else len(x)
+
+
+def x_scale(dataset: Any) -> float:
+    """Model input = raw * x_scale (1/255 for uint8 images in a store, 1.0 for float data)."""
+    return float(getattr(dataset, "x_scale", 1.0))
+
+
+def has_labels(dataset: Any, split: str) -> bool:
+    if getattr(dataset, "labeled", None) is False:
+        return False
+    return getattr(dataset, f"y_{split}", True) is not None
+
+
+def read_rows(dataset: Any, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Raw rows `idx` of a split (in idx order): the store's `read`, else a gather from in-memory arrays."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if hasattr(dataset, "read"):
+        return dataset.read(split, idx)
+    x = getattr(dataset, f"x_{split}")
+    y = getattr(dataset, f"y_{split}", None)
+    # Sorted gathers read a memory-mapped array front to back; the result is put back in idx order.
+    order = np.argsort(idx, kind="stable")
+    xs = np.asarray(x[idx[order]])
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    ys = None if y is None else np.asarray(y)[idx]
+    return xs[back], ys
+
+
+def nbytes_float32(dataset: Any, split: str) -> int:
+    if hasattr(dataset, "nbytes_float32"):
+        return int(dataset.nbytes_float32(split))
+    return split_size(dataset, split) * 4 * math.prod(tuple(dataset.input_shape))
+
+
+def sample_inputs(dataset: Any, n: int = 16, splits: tuple[str, ...] = ("test", "val", "train")) -> Tensor:
+    """Up to `n` model inputs (float32, scaled) from the first non-empty split: for export checks."""
+    for split in splits:
+        size = split_size(dataset, split)
+        if size:
+            x, _ = read_rows(dataset, split, np.arange(min(n, size)))
+            return torch.from_numpy(np.asarray(x, dtype=np.float32) * np.float32(x_scale(dataset)))
+    return torch.zeros((0, *tuple(dataset.input_shape)))
+
+
+# --------------------------------------------------------------------------- augmentation (on the device)
+
+
+def flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random crop after zero padding (4 px at 32 px, scaled to the image size) and a random h-flip."""
+    b, c, h, w = x.shape
+    pad = max(1, min(4, h // 8, w // 8))
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dev = x.device
+    oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
+    flip = torch.rand((b, 1), generator=generator, device=dev) < 0.5
+    cols = torch.arange(w, device=dev).unsqueeze(0)
+    cols = ox + torch.where(flip, (w - 1) - cols, cols)
+    rows = oy + torch.arange(h, device=dev).unsqueeze(0)
+    # One gather per batch: index [B, C, H, W] from per-sample row and column offsets.
+    return padded[
+        torch.arange(b, device=dev)[:, None, None, None],
+        torch.arange(c, device=dev)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+def feature_std(dataset: Any, split: str = "train") -> np.ndarray:
+    """Per-element std over the samples of a split (unbiased), summed in float64 chunk by chunk."""
+    n = split_size(dataset, split)
+    shape = tuple(dataset.input_shape)
+    total = np.zeros(shape, dtype=np.float64)
+    squares = np.zeros(shape, dtype=np.float64)
+    scale = x_scale(dataset)
+    for start in range(0, n, _READ_CHUNK):
+        x, _ = read_rows(dataset, split, np.arange(start, min(n, start + _READ_CHUNK)))
+        x = x.astype(np.float64) * scale
+        total += x.sum(axis=0)
+        squares += (x * x).sum(axis=0)
+    mean = total / max(n, 1)
+    var = (squares - n * mean * mean) / max(n - 1, 1)
+    return np.sqrt(np.clip(var, 0.0, None)).astype(np.float32)
+
+
+def make_augment(name: str | None, dataset: Any, device: torch.device | str = "cpu") -> Augment | None:
+    """An augmentation by name as `f(batch, generator) -> batch` on the device, or None for "none"."""
+    if name in (None, "none"):
+        return None
+    if name == "flip_crop":
+        if not getattr(dataset, "is_image", True) or len(tuple(dataset.input_shape)) != 3:
+            raise ConfigError("augment 'flip_crop' needs an image dataset; use 'noise' for feature vectors")
+        return flip_crop
+    if name == "noise":
+        scale = NOISE_SCALE * torch.as_tensor(feature_std(dataset), device=device).clamp_min(1e-8)
+
+        def noise(x: Tensor, generator: torch.Generator) -> Tensor:
+            return x + scale * torch.randn(x.shape, generator=generator, device=x.device)
+
+        return noise
+    raise ConfigError(f"unknown augment {name!r}")
+
+
+# --------------------------------------------------------------------------- order
+
+
+def seed_of(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence mixing): order, augmentation, replicas."""
+    return int(
+        np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1
+    )
+
+
+def batches_per_epoch(n: int, batch_size: int, *, train: bool = True, drop_last: bool = False) -> int:
+    """Batches in one pass over `n` examples; in training a last batch of a single example is dropped."""
+    full, rest = divmod(n, batch_size)
+    if drop_last:
+        return full
+    if not train:
+        return full + (1 if rest else 0)
+    # Batch norm cannot train on one sample, and one sample adds nothing.
+    return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """The batches of one split: `get(step)` is a pure function of (seed, step).
+
+    Epoch e is a permutation drawn from (seed, e); batch s is slice s mod steps_per_epoch of it.
+    So a run resumed at step s reads exactly what the uninterrupted run read, mid-epoch included,
+    and the ranks of a data-parallel group (`part=(rank, world)`) split the same batch.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        split: str,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str,
+        shuffle: bool = True,
+        augment: str | Augment | None = None,
+        indices: np.ndarray | None = None,
+        drop_last: bool = False,
+        workers: int | None = None,
+        prefetch: int = 2,
+        part: tuple[int, int] = (0, 1),
+        resident_max_bytes: int | None = None,
+    ) -> None:
+        self.dataset, self.split = dataset, split
+        self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), shuffle
+        self.device = torch.device(device)
+        n_split = split_size(dataset, split)
+        self.indices = (
+            np.arange(n_split, dtype=np.int64) if indices is None else np.asarray(indices, np.int64)
+        )
+        self.steps_per_epoch = batches_per_epoch(
+            len(self.indices), self.batch_size, train=shuffle, drop_last=drop_last
+        )
+        if self.steps_per_epoch < 1 and shuffle:
+            raise DatasetError(f"the {split} split is empty")
+        self.augment = (
+            make_augment(augment, dataset, self.device)
+            if isinstance(augment, str) or augment is None
+            else augment
+        )
+        self.rank, self.world = part
+        self.scale = x_scale(dataset)
+        self.labeled = has_labels(dataset, split)
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        limit = RESIDENT_MAX_BYTES if resident_max_bytes is None else resident_max_bytes
+        self.resident = nbytes_float32(dataset, split) <= limit
+        self._x: Tensor | None = None
+        self._y: Tensor | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+        self.prefetch = max(0, int(prefetch))
+        self._pin = self.device.type == "cuda"
+        if self.resident:
+            self._x, self._y = self._whole_on_device()
+        else:
+            # numpy releases the GIL while copying memory-mapped rows, so threads read in parallel.
+            n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+            self._pool = ThreadPoolExecutor(max(1, n_workers), thread_name_prefix=f"kd-loader-{split}")
+
+    # -- order -------------------------------------------------------------------------------
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                rng = np.random.default_rng(seed_of(self.seed, epoch))
+                perm = self.indices[rng.permutation(len(self.indices))]
+                self._perms[epoch] = perm
+                while len(self._perms) > 2:  # the current epoch and the next (prefetch crosses the boundary)
+                    self._perms.popitem(last=False)
+            return perm
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """The sample indices (within the split) of the whole batch at `step`, all ranks together."""
+        epoch, pos = divmod(int(step), self.steps_per_epoch)
+        order = self._perm(epoch) if self.shuffle else self.indices
+        return order[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+    def part_indices(self, step: int) -> np.ndarray:
+        """This rank's share of the batch at `step`."""
+        full = self.batch_indices(step)
+        return np.array_split(full, self.world)[self.rank] if self.world > 1 else full
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _whole_on_device(self) -> tuple[Tensor, Tensor | None]:
+        n = split_size(self.dataset, self.split)
+        x_attr = getattr(self.dataset, f"x_{self.split}", None)
+        if not hasattr(self.dataset, "read") and x_attr is not None:
+            x = torch.as_tensor(np.asarray(x_attr)).to(self.device)
+            y_attr = getattr(self.dataset, f"y_{self.split}", None)
+            y = (
+                None
+                if y_attr is None
+                else torch.as_tensor(np.asarray(y_attr), dtype=torch.long).to(self.device)
+            )
+            return x, y
+        # A store: chunk by chunk in the raw dtype (uint8 stays uint8 on the device, a quarter of float32).
+        xs, ys = [], []
+        for start in range(0, n, _READ_CHUNK):
+            x, y = read_rows(self.dataset, self.split, np.arange(start, min(n, start + _READ_CHUNK)))
+            xs.append(torch.from_numpy(np.ascontiguousarray(x)).to(self.device))
+            if y is not None:
+                ys.append(torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device))
+        shape = (0, *tuple(self.dataset.input_shape))
+        x = torch.cat(xs) if xs else torch.zeros(shape, device=self.device)
+        y = torch.cat(ys) if ys and self.labeled else None
+        return x, y
+
+    def _read(self, idx: np.ndarray) -> tuple[Tensor, Tensor | None]:
+        x, y = read_rows(self.dataset, self.split, idx)
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        yt = None if y is None or not self.labeled else torch.from_numpy(np.asarray(y, dtype=np.int64))
+        if self._pin:  # page-locked, so the copy to the GPU runs asynchronously
+            xt = xt.pin_memory()
+            yt = yt.pin_memory() if yt is not None else None
+        return xt, yt
+
+    def _submit(self, step: int) -> None:
+        if self._pool is not None and step not in self._pending and step < self._horizon:
+            self._pending[step] = self._pool.submit(self._read, self.part_indices(step))
+
+    def _to_input(self, x: Tensor) -> Tensor:
+        x = x.float()
+        return x * self.scale if self.scale != 1.0 else x
+
+    def get(self, step: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(x float32 on the device, y int64 or None, sample indices int64) of batch `step`."""
+        idx_np = self.part_indices(step)
+        idx = torch.from_numpy(idx_np.copy()).to(self.device, non_blocking=True)
+        if self.resident:
+            assert self._x is not None
+            x = self._to_input(self._x[idx])
+            y = self._y[idx] if self._y is not None else None
+        else:
+            future = self._pending.pop(step, None)
+            x_host, y_host = future.result() if future is not None else self._read(idx_np)
+            for old in [s for s in self._pending if s < step]:  # a jump (resume): drop stale reads
+                self._pending.pop(old).cancel()
+            for ahead in range(step + 1, step + 1 + self.prefetch):
+                self._submit(ahead)
+            x = self._to_input(x_host.to(self.device, non_blocking=True))
+            y = y_host.to(self.device, non_blocking=True) if y_host is not None else None
+        if self.augment is not None and len(idx_np):
+            generator = torch.Generator(device=self.device).manual_seed(
+                seed_of(self.seed, step, self.rank, 1)
+            )
+            x = self.augment(x, generator)
+        return x, y, idx
+
+    _horizon = math.inf  # steps past this are never prefetched (the end of an `iterate` pass)
+
+    def each(self) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
+        """One pass in order (with shuffle=False: every sample once), for evaluation."""
+        self._horizon = self.steps_per_epoch
+        for step in range(self.steps_per_epoch):
+            yield self.get(step)
+
+    def close(self) -> None:
+        """Stop the reader threads (pending reads are dropped)."""
+        if self._pool is not None:
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __del__(self) -> None:  # a forgotten close must not leave threads behind
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def make_batches(
+    dataset: Any,
+    split: str,
+    *,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str,
+    shuffle: bool = True,
+    augment: str | Augment | None = None,
+    indices: np.ndarray | None = None,
+    drop_last: bool = False,
+    workers: int | None = None,
+    prefetch: int = 2,
+    part: tuple[int, int] = (0, 1),
+    resident_max_bytes: int | None = None,
+) -> Batches:
+    """The batches of `split` for training (see `Batches`); `resident_max_bytes` overrides RESIDENT_MAX_BYTES."""
+    return Batches(
+        dataset, split, batch_size=batch_size, seed=seed, device=device, shuffle=shuffle, augment=augment,
+        indices=indices, drop_last=drop_last, workers=workers, prefetch=prefetch, part=part,
+        resident_max_bytes=resident_max_bytes,
+    )  # fmt: skip
+
+
+def iterate(
+    dataset: Any,
+    split: str,
+    *,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    resident_max_bytes: int | None = None,
+) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
+    """Every sample of `split` once, in order, as (x, y, idx) batches: evaluation and teacher logits."""
+    if split_size(dataset, split) == 0:
+        return
+    batches = Batches(
+        dataset, split, batch_size=batch_size, seed=0, device=device, shuffle=False,
+        resident_max_bytes=resident_max_bytes,
+    )  # fmt: skip
+    try:
+        yield from batches.each()
+    finally:
+        batches.close()
