@@ -40,7 +40,10 @@ def test_upload_npz_answers_what_was_found(owner_client):
     assert body["input_shape"] == [4]
     assert body["status"] == "ready"
     row = Dataset.objects.get(pk=body["id"])
-    assert Path(row.file.path).is_file() and row.size == row.file.size
+    # Ingested in the request: the store replaces the upload, and the row counts the store's bytes.
+    store = Path(settings.MEDIA_ROOT) / row.store
+    assert not row.file and (store / "meta.json").is_file()
+    assert row.size == sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
 
 
 def test_upload_csv_with_label_column(owner_client):
@@ -123,12 +126,13 @@ def test_list_and_show_only_own(owner, other, make_dataset, owner_client, other_
 
 def test_delete_removes_row_and_file(owner, make_dataset, owner_client, django_capture_on_commit_callbacks):
     dataset = make_dataset(owner)
-    path = Path(Dataset.objects.get(pk=dataset["id"]).file.path)
+    path = Path(settings.MEDIA_ROOT) / Dataset.objects.get(pk=dataset["id"]).store
+    assert path.is_dir()
     with django_capture_on_commit_callbacks(execute=True):
         response = owner_client.delete(f"/api/datasets/{dataset['id']}/")
     assert response.status_code == 204
     assert not Dataset.objects.filter(pk=dataset["id"]).exists()
-    assert not path.exists()
+    assert not path.exists() and stored_files() == []
 
 
 def test_delete_refused_while_an_experiment_uses_it(owner, make_experiment, owner_client):
@@ -141,53 +145,53 @@ def test_delete_refused_while_an_experiment_uses_it(owner, make_experiment, owne
     assert owner_client.delete(f"/api/datasets/{experiment.dataset_id}/").status_code == 204
 
 
-# --- large uploads: inspected by a worker task, not in the request ------------------------------
+# --- large uploads: ingested by a worker task, not in the request (more in test_dataset_ingest.py) -----
 
 
-def _inspection_messages(broker_redis) -> list[dict]:
+def _ingest_messages(broker_redis) -> list[dict]:
     import base64
     import json
 
     found = []
     for raw in broker_redis.lrange("default", 0, -1):
         message = json.loads(raw)
-        if message["headers"]["task"] == "workers.inspect_upload":
+        if message["headers"]["task"] == "workers.ingest_dataset":
             found.append({"args": json.loads(base64.b64decode(message["body"]))[0]})
     return found
 
 
-def test_large_upload_is_202_inspecting_then_ready_by_the_worker_task(
+def test_large_upload_is_202_ingesting_then_ready_by_the_worker_task(
     owner_client, settings, broker_redis, django_capture_on_commit_callbacks
 ):
-    from workers import jobs
+    from workers import ingest
 
-    settings.KD_SYNC_INSPECT_MAX_BYTES = 100
+    settings.KD_SYNC_INSPECT_MAX_BYTES = 100  # lowers the ingest threshold too (unless set on its own)
     if broker_redis is not None:
         broker_redis.delete("default")
     with django_capture_on_commit_callbacks(execute=True):
         response = owner_client.post("/api/datasets/", {"file": upload("big.npz", npz_bytes(n=60))})
     assert response.status_code == 202, response.content
     body = response.json()
-    assert body["status"] == "inspecting" and body["error"] is None
+    assert body["status"] == "ingesting" and body["error"] is None and body["progress"] == 0
     assert body["num_samples"] is None and body["num_classes"] is None and body["input_shape"] is None
     assert body["size"] > 100
     if broker_redis is not None:
-        assert _inspection_messages(broker_redis) == [{"args": [body["id"]]}]
+        assert _ingest_messages(broker_redis) == [{"args": [body["id"]]}]
 
-    # A dataset still inspecting cannot be trained on.
+    # A dataset still ingesting cannot be trained on.
     with django_capture_on_commit_callbacks(execute=True):
         refused = owner_client.post(
             "/api/experiments/",
             {"kind": "train", "dataset": body["id"], "model": {"arch": "mlp", "hidden": [8]}},
             content_type="application/json",
         )
-    assert refused.status_code == 400 and "inspected" in refused.json()["error"]
+    assert refused.status_code == 400 and "ingested" in refused.json()["error"]
 
-    assert jobs.inspect_upload(body["id"]) == "ready"  # what the worker task runs
+    assert ingest.run(body["id"]) == "ready"  # what the worker task runs
     shown = owner_client.get(f"/api/datasets/{body['id']}/").json()
     assert shown["status"] == "ready" and shown["error"] is None
     assert shown["num_samples"] == 60 and shown["num_classes"] == 3 and shown["splits"]["train"] > 0
-    assert jobs.inspect_upload(body["id"]) == "gone"  # a redelivered message changes nothing
+    assert ingest.run(body["id"]) == "gone"  # a redelivered message changes nothing
 
 
 def test_large_bad_upload_fails_with_the_reason_and_its_file_deleted(owner_client, settings):
@@ -195,7 +199,7 @@ def test_large_bad_upload_fails_with_the_reason_and_its_file_deleted(owner_clien
 
     import numpy as np
 
-    from workers import jobs
+    from workers import ingest
 
     settings.KD_SYNC_INSPECT_MAX_BYTES = 100
     buffer = io.BytesIO()
@@ -205,7 +209,7 @@ def test_large_bad_upload_fails_with_the_reason_and_its_file_deleted(owner_clien
     response = owner_client.post("/api/datasets/", {"file": upload("nan.npz", buffer.getvalue())})
     assert response.status_code == 202, response.content
     assert len(stored_files()) == 1
-    assert jobs.inspect_upload(response.json()["id"]) == "failed"
+    assert ingest.run(response.json()["id"]) == "failed"
     shown = owner_client.get(f"/api/datasets/{response.json()['id']}/").json()
     assert shown["status"] == "failed"
     assert shown["error"].startswith("nan.npz: ") and "NaN" in shown["error"] and "sample 7" in shown["error"]
@@ -218,19 +222,17 @@ def test_small_upload_stays_synchronous_under_the_threshold(owner_client, settin
     assert response.status_code == 201 and response.json()["status"] == "ready"
 
 
-def test_stale_inspection_is_failed_by_cleanup(owner_client, settings):
+def test_a_lost_ingest_message_is_sent_again_by_cleanup(owner_client, settings, broker_redis):
     from django.utils import timezone
 
-    from workers import jobs
+    from workers import ingest, jobs
 
     settings.KD_SYNC_INSPECT_MAX_BYTES = 100
     response = owner_client.post("/api/datasets/", {"file": upload("lost.npz", npz_bytes(n=60))})
     assert response.status_code == 202
-    assert jobs.fail_stale_inspections() == 0  # fresh: its worker may still be reading it
+    assert ingest.sweep_stale() == 0  # fresh: its message may still wait in the queue
     Dataset.objects.filter(pk=response.json()["id"]).update(
         created=timezone.now() - datetime.timedelta(hours=2)
     )
-    assert jobs.cleanup() >= 1
-    row = Dataset.objects.get(pk=response.json()["id"])
-    assert row.status == "failed" and "did not finish" in row.error
-    assert stored_files() == []
+    assert jobs.cleanup() == 0 and ingest.sweep_stale() == 1  # enqueued again; a duplicate is harmless
+    assert ingest.run(response.json()["id"]) == "ready"

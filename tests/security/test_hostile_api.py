@@ -256,12 +256,14 @@ def test_hostile_file_names_stay_inside_media_root(owner_client, settings):
     for name in ("../../../escape.npz", "..\\..\\escape.npz", "/etc/escape.npz", "a/../../escape.npz"):
         response = owner_client.post("/api/datasets/", {"file": upload(name, npz_bytes())})
         assert response.status_code == 201, response.content
-        stored = Dataset.objects.get(pk=response.json()["id"]).file.path
+        # The upload was ingested into a store (and then deleted): both stay inside MEDIA_ROOT.
+        stored = Path(settings.MEDIA_ROOT) / Dataset.objects.get(pk=response.json()["id"]).store
         root = Path(settings.MEDIA_ROOT).resolve()
-        assert Path(stored).resolve().is_relative_to(root), stored
+        assert stored.resolve().is_relative_to(root) and (stored / "meta.json").is_file(), stored
     assert not (Path(settings.MEDIA_ROOT).parent / "escape.npz").exists()
+    assert not list(Path(settings.MEDIA_ROOT).parent.rglob("escape.npz"))
     # Stored files are never served by URL: only the owner-checked views hand them out.
-    stored_name = Dataset.objects.first().file.name
+    stored_name = Dataset.objects.first().store + "/x.npy"
     assert owner_client.get(f"/media/{stored_name}").status_code == 404
 
 
