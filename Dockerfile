@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # KD Studio image: `--target cpu` (web, CPU workers) or `--target cuda` (GPU workers, CUDA build of torch).
 ARG PYTHON_VERSION=3.11
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 
 # Front-end libraries (uPlot) from npm's lockfile, as `make run` installs them.
 FROM node:22-slim AS assets
@@ -17,15 +18,17 @@ RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 \
     && mkdir -p /data/media /data/state && chown -R kd:kd /data
 WORKDIR /app
 
-# torch first, from the index of the wanted build, so the project's pin (torch==2.13.0) is already met.
+# torch and torchvision first, from the index of the wanted build, so the project's pins are already met.
 FROM base AS torch-cpu
 ARG TORCH_VERSION
-RUN pip install torch==${TORCH_VERSION} --index-url https://download.pytorch.org/whl/cpu
+ARG TORCHVISION_VERSION
+RUN pip install torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION} --index-url https://download.pytorch.org/whl/cpu
 
 FROM base AS torch-cuda
 ARG TORCH_VERSION
 ARG CUDA_INDEX=cu128
-RUN pip install torch==${TORCH_VERSION} --index-url https://download.pytorch.org/whl/${CUDA_INDEX}
+ARG TORCHVISION_VERSION
+RUN pip install torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION} --index-url https://download.pytorch.org/whl/${CUDA_INDEX}
 
 # The same application layers on either torch build.
 FROM torch-cpu AS cpu

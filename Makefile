@@ -12,8 +12,8 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The pinned CPU build first, so nothing below pulls a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	# The pinned torch/torchvision pair first (one build for CPU and GPU workers; see README).
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[web,dev]'
 	touch $@
 

@@ -1,4 +1,4 @@
-"""Export a trained KDModel as safetensors, TorchScript and ONNX, each checked against PyTorch first."""
+"""Export a trained KDModel as safetensors, TorchScript, ONNX and a torch.export program, each checked against PyTorch first."""
 
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ from kd_core.checkpoints import TS_META_FILE, load_student
 from kd_core.errors import KDError
 from kd_core.models import KDModel, count_params
 
-FORMATS = ("safetensors", "torchscript", "onnx")
-EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".ts", "onnx": ".onnx"}
+FORMATS = ("safetensors", "torchscript", "onnx", "exported_program")
+EXTENSIONS = {
+    "safetensors": ".safetensors",
+    "torchscript": ".ts",
+    "onnx": ".onnx",
+    "exported_program": ".pt2",
+}
+# The largest batch the exported program's dynamic batch dimension admits.
+MAX_EXPORT_BATCH = 65_536
 ONNX_OPSET = 17
 # How many sample rows the checks run on: enough to exercise every class, cheap on any model.
 CHECK_ROWS = 64
@@ -74,7 +81,12 @@ def export_model(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {"safetensors": _safetensors, "torchscript": _torchscript, "onnx": _onnx}
+    writers = {
+        "safetensors": _safetensors,
+        "torchscript": _torchscript,
+        "onnx": _onnx,
+        "exported_program": _exported_program,
+    }
     written: dict[str, Path] = {}
     try:
         for fmt in dict.fromkeys(formats):
@@ -164,9 +176,17 @@ def _safetensors(model: KDModel, tmp: Path, meta: dict[str, str], x: torch.Tenso
 
 
 def _torchscript(model: KDModel, tmp: Path, meta: dict[str, str], x: torch.Tensor, ref: torch.Tensor) -> None:
+    # torch 2.14 deprecates TorchScript (FutureWarning pointing to torch.export): it stays an export format
+    # users load without this project; the exported_program format is its successor.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(model)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            scripted = torch.jit.script(model)
+        except Exception:
+            # Some library models (timm's, torchvision's with Python-only branches) do not script; a trace
+            # of the eval-mode model is the same function for every batch size of this fixed-shape input.
+            scripted = torch.jit.trace(model, (x[:2],), check_trace=False)
         torch.jit.save(scripted, str(tmp), _extra_files={TS_META_FILE: json.dumps(meta)})
         loaded = torch.jit.load(str(tmp), map_location="cpu")
     loaded.eval()
@@ -201,3 +221,20 @@ def _onnx(model: KDModel, tmp: Path, meta: dict[str, str], x: torch.Tensor, ref:
     session = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
     _compare("onnx", session.run(["logits"], {"input": x.numpy()})[0], ref)
     _compare("onnx", session.run(["logits"], {"input": x[:1].numpy()})[0], ref[:1])
+
+
+def _exported_program(
+    model: KDModel, tmp: Path, meta: dict[str, str], x: torch.Tensor, ref: torch.Tensor
+) -> None:
+    # An eval-mode graph with a dynamic batch dimension; the metadata travels as an extra file, like
+    # TorchScript's. torch.export.load gives it back without this project installed.
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: batch},), strict=False)
+        torch.export.save(program, str(tmp), extra_files={TS_META_FILE: json.dumps(meta)})
+        loaded = torch.export.load(str(tmp)).module()
+    with torch.no_grad():
+        _compare("exported_program", loaded(x), ref)
+        _compare("exported_program", loaded(x[:1]), ref[:1])

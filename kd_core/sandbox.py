@@ -30,8 +30,9 @@ Design (also in ARCHITECTURE.md, "Untrusted model files"):
 - Requests (float32 batches) and answers go over the same pipes, so one child serves an upload's probe
   and a whole job's teacher logits. The parent bounds every answer's size, enforces a wall-time limit on
   each request and kills the child (SIGKILL to its process group) when it is exceeded.
-- `.pt2` (torch.export ExportedProgram) is meant to slot in as another `kind` of `_Served.load` in the
-  child, with its graph checked against the same aten allowlist.
+- `.pt2` (torch.export ExportedProgram) is another `kind` of `_Served.load` in the child
+  (`torch.export.load(BytesIO)`), every node of its graphs checked against the same aten allowlist
+  (`sandbox_child.check_exported_program_ops`) before any forward.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from kd_core.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 CHILD_SCRIPT = Path(proto.__file__).resolve()
-KINDS = ("torchscript", "onnx")
+KINDS = ("torchscript", "onnx", "exported_program")
 # The largest answer a forward may send back (rows x classes x 4 bytes is far below this).
 MAX_ANSWER_BYTES = 1 << 31
 

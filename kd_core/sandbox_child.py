@@ -480,6 +480,15 @@ def readable_paths() -> list[str]:
     return paths
 
 
+def _vm_kib(field: str) -> int:
+    """This process's /proc/self/status `field` (VmSize, VmData) in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise SandboxUnavailable(f"/proc/self/status has no {field}")
+
+
 def restrict(limits: dict[str, Any], work_dir: str) -> dict[str, Any]:
     """Lock this process in; raises SandboxUnavailable when any layer cannot be put in place."""
     threads = len(os.listdir("/proc/self/task"))
@@ -487,9 +496,13 @@ def restrict(limits: dict[str, Any], work_dir: str) -> dict[str, Any]:
         raise SandboxUnavailable(f"{threads} threads exist before the lock-down; expected 1")
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the size limit fails instead of killing
     mem = int(limits["memory_bytes"])
+    # The limit is what the model may use ON TOP of the interpreter as imported: torch's CUDA builds (2.14)
+    # map about 3 GB of address space for their libraries alone, the CPU build under 1 GB, so an absolute
+    # RLIMIT_AS would mean a different allowance per build. The baseline is read before the model arrives.
+    as_base, data_base = _vm_kib("VmSize") << 10, _vm_kib("VmData") << 10
     for res, value in (
-        (resource.RLIMIT_AS, mem),
-        (resource.RLIMIT_DATA, mem),
+        (resource.RLIMIT_AS, as_base + mem),
+        (resource.RLIMIT_DATA, data_base + mem),
         (resource.RLIMIT_CPU, int(limits["cpu_s"])),  # SIGXCPU at the soft limit, SIGKILL 1 s later
         (resource.RLIMIT_FSIZE, int(limits["file_bytes"])),
         (resource.RLIMIT_NOFILE, int(limits["open_files"])),
@@ -581,6 +594,40 @@ def check_torchscript_ops(module: Any) -> None:
                     stack.extend(node.blocks())
 
 
+def check_exported_program_ops(program: Any) -> None:
+    """Every node of every graph of a torch.export program must be an allowed aten op (or operator.getitem
+    and plain arithmetic on sizes); raise ValueError on the first other one, before any forward."""
+    import operator
+
+    import torch
+
+    names = "getitem add sub mul floordiv truediv mod neg eq ne lt le gt ge"
+    allowed_builtins = {getattr(operator, n) for n in names.split()}
+    for name, graph_module in program.graph_module.named_modules():
+        graph = getattr(graph_module, "graph", None)
+        if graph is None:
+            continue
+        for node in graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            if node.op != "call_function":
+                what = str(node.target)[:80]
+                raise ValueError(f"the program has a {node.op} node ({what}), which is refused")
+            target = node.target
+            if target in allowed_builtins:
+                continue
+            if not isinstance(target, torch._ops.OpOverload):
+                what = str(target)[:80]
+                raise ValueError(f"the program calls {what}, which is refused: not an aten operation")
+            kind = target._schema.name
+            namespace = kind.split("::", 1)[0]
+            # prim:: ops are TorchScript's; an exported program has none (op_refusal refuses other namespaces).
+            why = "not an aten operation" if namespace == "prim" else op_refusal(kind)
+            if why:
+                where = name or "the graph"
+                raise ValueError(f"the program uses {kind} (in {where}), which is refused: {why}")
+
+
 # ---------------------------------------------------------------- the served model
 
 
@@ -612,6 +659,19 @@ class _Served:
             if isinstance(meta, bytes):
                 meta = meta.decode("utf-8", "replace")
             return {"meta": meta[:1_000_000], "num_params": int(sum(p.numel() for p in module.parameters()))}
+        if kind == "exported_program":
+            extra = {"kd_studio.json": ""}
+            try:
+                program = torch.export.load(io.BytesIO(data), extra_files=extra)
+            except Exception as e:  # noqa: BLE001 - any failure to parse is the same refusal
+                raise ValueError(f"is not a readable torch.export program (.pt2): {_short(e)}") from None
+            check_exported_program_ops(program)
+            self.module = program.module()
+            num_params = sum(int(p.numel()) for p in program.parameters())
+            meta = extra["kd_studio.json"]
+            if isinstance(meta, bytes):
+                meta = meta.decode("utf-8", "replace")
+            return {"meta": str(meta)[:1_000_000], "num_params": num_params}
         if kind == "onnx":
             import numpy as np
             import onnxruntime as ort  # imported after the lock-down: its import starts a thread
@@ -649,7 +709,7 @@ class _Served:
         import numpy as np
         import torch
 
-        if self.kind == "torchscript":
+        if self.kind in ("torchscript", "exported_program"):
             with torch.no_grad():
                 out = self.module(torch.from_numpy(arr))
             if isinstance(out, list | tuple) and out:

@@ -51,8 +51,14 @@ def test_round_trip_of_every_format(tmp_path, name):
         "safetensors": "student.safetensors",
         "torchscript": "student.ts",
         "onnx": "student.onnx",
+        "exported_program": "student.pt2",
     }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx", "student.safetensors", "student.ts"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "student.onnx",
+        "student.pt2",
+        "student.safetensors",
+        "student.ts",
+    ]
 
     with safe_open(str(paths["safetensors"]), framework="pt") as f:
         meta = {k: json.loads(v) for k, v in f.metadata().items()}
@@ -76,6 +82,10 @@ def test_round_trip_of_every_format(tmp_path, name):
     np.testing.assert_allclose(
         session.run(None, {"input": x[:7].numpy()})[0], ref[:7].numpy(), atol=1e-5, rtol=1e-4
     )
+
+    program = torch.export.load(str(paths["exported_program"])).module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(x[:3]), ref[:3], atol=1e-5, rtol=1e-4)  # any batch size
 
     for fmt, path in paths.items():
         teacher = load_teacher(path)

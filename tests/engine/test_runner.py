@@ -29,15 +29,16 @@ def trained(digits, tmp_path_factory):
     return out, run_experiment(cfg, dataset=digits, out_dir=out, sink=ListSink(), device="cpu")
 
 
-def test_train_writes_result_json_and_three_verified_exports(digits, trained):
+def test_train_writes_result_json_and_four_verified_exports(digits, trained):
     out, result = trained
     assert isinstance(result, RunResult) and not result.stopped
-    assert set(result.files) == {"safetensors", "torchscript", "onnx"}
+    assert set(result.files) == {"safetensors", "torchscript", "onnx", "exported_program"}
     assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
         "result.json",
         "student.safetensors",
         "student.ts",
         "student.onnx",
+        "student.pt2",
     }
     saved = json.loads((out / "result.json").read_text())
     assert saved["config"]["kind"] == "train" and saved["stopped"] is False
@@ -114,7 +115,7 @@ def test_a_stopped_run_still_exports_what_it_trained(digits, tmp_path):
         should_stop=lambda: next(calls) >= 5,
     )
     assert result.stopped and result.metrics["steps"] == 5
-    assert all(p.is_file() for p in result.files.values()) and len(result.files) == 3
+    assert all(p.is_file() for p in result.files.values()) and len(result.files) == 4
     assert json.loads((tmp_path / "result.json").read_text())["stopped"] is True
 
 

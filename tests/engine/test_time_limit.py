@@ -40,6 +40,6 @@ def test_a_run_reaching_its_time_limit_exports_what_it_trained(tmp_path) -> None
     result = run_experiment(config, dataset=ds, out_dir=tmp_path, sink=ListSink(), device="cpu")
     assert result.stopped and result.metrics["stopped_by"] == "time_limit"
     assert 0 < result.metrics["steps"] < 100_000 * 4
-    assert set(result.files) == {"safetensors", "torchscript", "onnx"}
+    assert set(result.files) == {"safetensors", "torchscript", "onnx", "exported_program"}
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["stopped"] and saved["metrics"]["stopped_by"] == "time_limit"

@@ -109,7 +109,13 @@ def accuracy_of_downloads(
 
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {}
-    for fmt, suffix in (("safetensors", ".safetensors"), ("torchscript", ".ts"), ("onnx", ".onnx")):
+    formats = (
+        ("safetensors", ".safetensors"),
+        ("torchscript", ".ts"),
+        ("onnx", ".onnx"),
+        ("exported_program", ".pt2"),
+    )
+    for fmt, suffix in formats:
         path = folder / f"student-{experiment_id}{suffix}"
         path.write_bytes(api.download(f"/api/experiments/{experiment_id}/download/?format={fmt}"))
         xt = torch.from_numpy(x.astype(np.float32))
@@ -119,6 +125,9 @@ def accuracy_of_downloads(
         elif fmt == "torchscript":
             with torch.no_grad():
                 logits = torch.jit.load(str(path)).eval()(xt).numpy()
+        elif fmt == "exported_program":
+            with torch.no_grad():
+                logits = torch.export.load(str(path)).module()(xt).numpy()
         else:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             logits = session.run(["logits"], {"input": x.astype(np.float32)})[0]

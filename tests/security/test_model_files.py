@@ -310,3 +310,42 @@ def test_stale_inspections_fail_in_cleanup(owner, owner_client, settings):
     assert inspection.fail_stale_inspections(max_age_s=0) == 1
     row = Checkpoint.objects.get(pk=response.json()["id"])
     assert row.status == "failed" and "did not finish" in row.error and stored_files() == []
+
+
+# ---------------------------------------------------------------- torch.export programs (.pt2)
+
+
+def exported_bytes(module: torch.nn.Module, example: torch.Tensor, inject_print: bool = False) -> bytes:
+    """A .pt2 archive of `module`; `inject_print` adds an aten::_print node (output to the server) to its graph."""
+    program = torch.export.export(module.eval(), (example,))
+    if inject_print:
+        graph = program.graph_module.graph
+        first = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_after(first):
+            node = graph.call_function(torch.ops.aten._print.default, ("do-not-leak",))
+            node.meta["val"] = None
+        program.graph_module.recompile()
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def test_a_plain_exported_program_is_accepted(owner, make_dataset, owner_client):
+    dataset = make_dataset(owner)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    response = post(owner_client, "net.pt2", exported_bytes(module, torch.rand(2, 4)), dataset=dataset["id"])
+    assert response.status_code == 201, response.content[:500]
+    body = response.json()
+    assert (body["format"], body["num_classes"], body["input_shape"]) == ("exported_program", 3, [4])
+
+
+def test_an_exported_program_with_a_refused_op_is_refused_naming_it(owner, make_dataset, owner_client):
+    dataset = make_dataset(owner)
+    content = exported_bytes(torch.nn.Linear(4, 3), torch.rand(2, 4), inject_print=True)
+    error = refused(post(owner_client, "print.pt2", content, dataset=dataset["id"]), "aten::_print")
+    assert "do-not-leak" not in error
+
+
+def test_a_damaged_exported_program_is_refused(owner_client):
+    content = exported_bytes(torch.nn.Linear(4, 3), torch.rand(2, 4))
+    refused(post(owner_client, "cut.pt2", content[: len(content) // 2]), "torch.export")
