@@ -51,12 +51,14 @@ async def _first_metric_and_latencies(
         while True:
             message = json.loads(await asyncio.wait_for(ws.recv(), timeout=120))
             now = time.time()
-            if message.get("type") == "metric":
+            if message.get("type") in ("metric", "metrics"):
                 if first is None:
                     first = now - t0
                     if not want_all:
                         break
-                latencies.append(now - float(message["time"]))
+                # A sink flush of several steps is one {"type":"metrics","points":[...]}.
+                batch = message.get("points", []) if message["type"] == "metrics" else [message]
+                latencies.extend(now - float(p["time"]) for p in batch)
             if message.get("type") == "status" and message.get("status") in FINISHED:
                 break
     assert first is not None

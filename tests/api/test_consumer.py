@@ -92,3 +92,29 @@ async def test_session_cookie_authenticates(owner, make_experiment):
     )
     assert (await ws.receive_json_from(timeout=2))["progress"] == 0.5
     await ws.disconnect()
+
+
+async def test_outbox_merges_a_backlog_and_bounds_it() -> None:
+    """What a socket that fell behind gets: one merged "metrics" message and the newest status; past the
+    bound (several messages waiting), nothing more is kept and the socket is marked for CLOSE_TOO_SLOW."""
+    from webapp.studio.consumers import Outbox
+
+    box = Outbox(max_values=10)
+    box.add({"type": "metric", "step": 1, "values": {"a": 1.0}, "time": 1.0})
+    box.add({"type": "status", "status": "running", "progress": 0.1})
+    box.add(
+        {"type": "metrics", "points": [{"step": 2, "values": {"a": 2.0}}, {"step": 3, "values": {"a": 3.0}}]}
+    )
+    box.add({"type": "status", "status": "running", "progress": 0.2})
+    assert box.take() == [
+        {"type": "metrics", "points": [{"step": 1, "values": {"a": 1.0}, "time": 1.0},
+                                       {"step": 2, "values": {"a": 2.0}}, {"step": 3, "values": {"a": 3.0}}]},
+        {"type": "status", "status": "running", "progress": 0.2},
+    ]  # fmt: skip
+    assert not box
+    # One large batch alone is not a backlog ...
+    box.add({"type": "metrics", "points": [{"step": s, "values": {"a": 0.0, "b": 0.0}} for s in range(8)]})
+    assert not box.overflowed
+    # ... a second one waiting behind it is.
+    box.add({"type": "metric", "step": 9, "values": {"a": 0.0}})
+    assert box.overflowed and not box.points

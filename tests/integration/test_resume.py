@@ -41,10 +41,13 @@ async def _first_live_steps(ws_url: str, token: str, n: int, timeout: float) -> 
                     if left <= 0:
                         break
                     message = json.loads(await asyncio.wait_for(ws.recv(), timeout=left))
-                    if message.get("type") == "metric" and any(
-                        k.startswith("train/") for k in message["values"]
-                    ):
-                        steps.append(int(message["step"]))
+                    # A flush of several steps comes as one {"type":"metrics","points":[...]}.
+                    batch = [message] if message.get("type") == "metric" else message.get("points", [])
+                    if message.get("type") not in ("metric", "metrics"):
+                        continue
+                    for point in batch:
+                        if any(k.startswith("train/") for k in point["values"]):
+                            steps.append(int(point["step"]))
         except (ConnectionClosed, TimeoutError):
             continue
     return steps
