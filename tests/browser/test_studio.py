@@ -69,7 +69,8 @@ def test_dataset_upload_shows_inspection_or_refusal(page, stack, tmp_path):
     page.goto(stack.url + "/datasets/")
     page.set_input_files("#ds-file", str(npz))
     page.click("#upload-btn")
-    page.wait_for_selector("#ds-stats")
+    # The panel may still show the dataset that was selected before; the upload's answer replaces it.
+    page.wait_for_selector("#ds-stats:has-text('300')")
     stats = page.inner_text("#ds-stats")
     assert "300" in stats and "(16)" in stats
     assert page.locator("#class-balance .bar").count() == CLASSES
@@ -209,7 +210,11 @@ def test_codistill_from_form_shows_replicas(page, stack, token, world, tmp_path)
     page.goto(stack.url + "/experiments/new/")
     page.select_option("#f-kind", "codistill")
     assert page.is_hidden("#teacher-field") and page.is_visible("#codistill-block")
+    # The weight-decay advice shows only once weight decay is set (issue 14).
+    assert page.is_hidden("#wd-note")
+    page.fill("#f-weight_decay", "0.001")
     assert "over-regularise" in page.inner_text("#wd-note")
+    page.fill("#f-weight_decay", "0")
     page.select_option("#f-dataset", str(world["dataset"]["id"]))
     page.fill("#f-name", "codist-ui")
     page.fill("#f-hidden", "8")
@@ -242,10 +247,20 @@ def test_cancel_a_job_from_its_page(page, stack, token, world):
     })  # fmt: skip
     page.goto(f"{stack.url}/experiments/{created['id']}/")
     page.wait_for_selector("#cancel-btn:not(.hidden)")
+    # Stopping asks first (issue 14): dismissing the question leaves the job alone.
+    page.once("dialog", lambda d: d.dismiss())
+    page.click("#cancel-btn")
+    assert api(stack.url, token, "GET", f"/api/experiments/{created['id']}/")["status"] in (
+        "queued",
+        "running",
+    )
+    dialogs = []
+    page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
     page.click("#cancel-btn")
     page.wait_for_selector("#exp-status [data-status=cancelled]", timeout=60_000)
     assert wait_status(stack, token, created["id"], ("cancelled",))["status"] == "cancelled"
     assert page.is_hidden("#cancel-btn")
+    assert "“to-cancel”" in dialogs[0] and "cannot be resumed" in dialogs[0]
     # The note says what became of the run and how to run it again.
     assert "clone" in page.wait_for_selector("#cancelled-note").inner_text().lower()
     no_js_errors(page)
@@ -269,9 +284,12 @@ def test_sweep_then_compare(page, stack, token, world):
     page.reload()
     page.wait_for_function("Number(document.querySelector('#charts').dataset.points) > 0")
     assert page.locator("#final-table tbody tr").count() == 2
-    # Legends name the runs by what differs between them, not by their long names.
+    # Legends and heads name the runs by their (distinct) names, never by ids; titles are words (issue 14).
     legend = page.inner_text(".chart[data-chart='val/acc'] .u-legend")
-    assert f"#{ids[0]} temperature=2" in legend and f"#{ids[1]} temperature=8" in legend
+    assert "sweep [temperature=2]" in legend and "sweep [temperature=8]" in legend
+    assert "Validation accuracy" in page.inner_text(".chart[data-chart='val/acc']")
+    heads = page.inner_text("#config-table thead")
+    assert "sweep [temperature=2]" in heads and "#" not in heads.replace("sweep", "")
     # Sortable by keyboard: Enter on a focused head sorts, and the head says which way.
     page.focus("#final-table th[data-key=test_acc]")
     page.keyboard.press("Enter")

@@ -7,8 +7,9 @@ export function csrfToken() {
   return m ? decodeURIComponent(m[1]) : "";
 }
 
+// `fields`: the API's per-field messages (config key -> text) when it names several bad fields at once.
 export class ApiError extends Error {
-  constructor(message, status) { super(message); this.status = status; }
+  constructor(message, status, fields) { super(message); this.status = status; this.fields = fields || null; }
 }
 
 async function parse(resp) {
@@ -17,7 +18,7 @@ async function parse(resp) {
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
   if (!resp.ok) {
     const msg = (data && (data.error || data.detail)) || `${resp.status} ${resp.statusText}`;
-    throw new ApiError(msg, resp.status);
+    throw new ApiError(msg, resp.status, data && typeof data.fields === "object" ? data.fields : null);
   }
   return data;
 }

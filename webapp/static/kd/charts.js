@@ -2,7 +2,8 @@
 import uPlot from "uplot";
 import { el } from "kd/api.js";
 
-export const PALETTE = ["#2f6fde", "#d9480f", "#2b8a3e", "#ae3ec9", "#e8590c", "#1098ad", "#c2255c", "#5c940d", "#6741d9", "#495057", "#f08c00", "#0b7285"];
+// Neighbours differ in hue and lightness, so runs 1 and 2 (or 2 and 5) never read as one colour.
+export const PALETTE = ["#2f6fde", "#e8590c", "#2b8a3e", "#ae3ec9", "#1098ad", "#c92a2a", "#74b816", "#f59f00", "#364fc7", "#495057", "#d6336c", "#0b7285"];
 
 // name -> sorted points; a (series, step) pair is stored once whatever order history and live messages arrive in.
 export class SeriesStore {

@@ -18,12 +18,35 @@ function label(e) { return `#${e.id} ${e.name || e.config?.name || ""}`.trim(); 
 
 // Legends and column heads name runs by what differs between them ("#3 temperature=2 alpha=0.5"), which
 // stays short for a sweep; the full name is in the tooltips and the final-metrics table.
+// Runs are named by their names when those tell them apart; otherwise by the config values that differ,
+// with datasets and teachers by name ("dataset=blobs"), never by database id.
 let shortLabels = new Map();
+let refNames = { dataset: new Map(), teacher: new Map() };
+function named(key, value) {
+  const names = refNames[key];
+  return names && names.has(value) ? names.get(value) : value;
+}
 function computeShortLabels() {
+  const nameList = exps.map((e) => (e.name || "").trim());
+  if (nameList.every(Boolean) && new Set(nameList).size === nameList.length) {
+    shortLabels = new Map(exps.map((e) => [e.id, e.name.length > 48 ? `${e.name.slice(0, 47)}…` : e.name]));
+    return;
+  }
   const flats = exps.map((e) => flatten(e.config));
   const keys = [...new Set(flats.flatMap((f) => Object.keys(f)))].filter((k) => k !== "name" && new Set(flats.map((f) => f[k])).size > 1);
   shortLabels = new Map(exps.map((e, i) => [e.id, keys.length >= 1 && keys.length <= 3
-    ? `#${e.id} ${keys.map((k) => `${k.replace(/^codistill\./, "")}=${flats[i][k] ?? "–"}`).join(" ")}` : label(e)]));
+    ? `${e.name || `#${e.id}`}: ${keys.map((k) => `${k.replace(/^codistill\./, "")}=${named(k, flats[i][k]) ?? "–"}`).join(", ")}` : label(e)]));
+}
+
+// Readable chart titles for the series the engine logs; any other name is shown with its parts spaced.
+const TITLES = {
+  "train/loss": "Training loss (total)", "train/loss_hard": "Training loss: labels part", "train/loss_soft": "Training loss: teacher part",
+  "train/loss_distill": "Training loss: distillation part", "train/acc": "Training accuracy", "val/loss": "Validation loss",
+  "val/acc": "Validation accuracy", "val/agreement": "Agreement with the teacher (validation)", lr: "Learning rate",
+  "train/samples_per_s": "Throughput (samples/s)", "ensemble/val/acc": "Ensemble validation accuracy", churn: "Churn (replicas disagree)",
+};
+function title(name) {
+  return TITLES[name] || name.replace(/[/_]+/g, " ").replace(/^./, (c) => c.toUpperCase());
 }
 function short(e) { return shortLabels.get(e.id) || label(e); }
 function color(i) { return PALETTE[i % PALETTE.length]; }
@@ -88,7 +111,7 @@ function drawCharts() {
   for (const [key, p] of panels) if (!names.includes(key)) { p.destroy(); panels.delete(key); }
   let total = 0;
   for (const name of names) {
-    if (!panels.has(name)) panels.set(name, new ChartPanel(container, { key: name, title: name, logY: state.logY, xLabel }));
+    if (!panels.has(name)) panels.set(name, new ChartPanel(container, { key: name, title: title(name), logY: state.logY, xLabel }));
     const panel = panels.get(name);
     panel.setLogY(state.logY);
     panel.setXLabel(xLabel);
@@ -160,10 +183,11 @@ function configTable() {
   const only = $("#diff-only").checked;
   const rows = keys.map((k) => ({ k, vals: flats.map((f) => f[k] ?? "–") })).map((r) => ({ ...r, diff: new Set(r.vals).size > 1 }));
   const shown = only ? rows.filter((r) => r.diff) : rows;
+  $("#config-table").classList.add("keep-case");
   $("#config-table").replaceChildren(
     el("thead", {}, el("tr", {}, el("th", { text: "Key" }), ...exps.map((e) => el("th", { title: label(e), text: short(e) })))),
     el("tbody", {}, shown.length ? shown.map((r) => el("tr", { class: r.diff && !only ? "diff" : "", "data-key": r.k },
-      el("td", { class: "mono", text: r.k }), ...r.vals.map((v) => el("td", { class: "mono", text: v }))))
+      el("td", { class: "mono", text: r.k }), ...r.vals.map((v) => el("td", { class: "mono", text: named(r.k, v) }))))
       : el("tr", {}, el("td", { colspan: exps.length + 1, class: "muted", text: "The configs are identical." }))));
 }
 
@@ -208,7 +232,11 @@ async function init() {
     return;
   }
   $("#cmp-msg").replaceChildren(el("div", { class: "empty", id: "cmp-loading", text: `Loading ${ids.length} experiment${ids.length === 1 ? "" : "s"} and their curves…` }));
-  try { await load(); } catch (e) {
+  try {
+    const [dsList, ckList] = await Promise.all([apiGet("/api/datasets/").then(items).catch(() => []), apiGet("/api/checkpoints/").then(items).catch(() => [])]);
+    refNames = { dataset: new Map(dsList.map((d) => [String(d.id), d.name])), teacher: new Map(ckList.map((c) => [String(c.id), c.name])) };
+    await load();
+  } catch (e) {
     $("#cmp-msg").replaceChildren(el("div", { class: "alert error", role: "alert", text: e.message }));
     return;
   }

@@ -1,6 +1,7 @@
 // Experiment page: history from /metrics/, then live WebSocket points (deduplicated), status, model card, downloads.
 import { $, ACTIVE, apiGet, apiSend, badge, el, fmtBytes, fmtCount, fmtDate, fmtDuration, fmtNum, fmtPct, items, progressBar } from "kd/api.js";
 import { ChartPanel, PANEL_ORDER, SeriesStore, align, panelOf, seriesStyle } from "kd/charts.js";
+import { contractList, contractOf, snippets } from "kd/contract.js";
 
 const id = Number($("#exp").dataset.id);
 const store = new SeriesStore();
@@ -15,6 +16,7 @@ let closed = false;
 // ---- status and details ------------------------------------------------------------------------
 function setStatus(status, progress, eta) {
   if (!exp) return;
+  if (status && status !== exp.status) window.dispatchEvent(new Event("kd:jobs-changed"));
   if (status) exp.status = status;
   if (typeof progress === "number") exp.progress = progress;
   if (eta !== undefined) exp.eta_s = eta;
@@ -115,6 +117,9 @@ function renderModelCard() {
   if (m.compression) stats.push(stat(`${fmtNum(m.compression, 3)}×`, "fewer parameters than the teacher", "compression"));
   if (m.speedup) stats.push(stat(`${fmtNum(m.speedup, 3)}×`, "CPU speed-up over the teacher", "speedup"));
   if (m.test_agreement !== undefined && m.test_agreement !== null) stats.push(stat(fmtPct(m.test_agreement), "agrees with the teacher (test)", "test_agreement"));
+  // Fidelity (Stanton et al. 2021): how far the student's distribution is from the teacher's, not only its top-1.
+  if (m.test_kl_to_teacher !== undefined && m.test_kl_to_teacher !== null) stats.push(stat(fmtNum(m.test_kl_to_teacher, 3), "KL(teacher ‖ student), test, T = 1", "test_kl_to_teacher"));
+  if (m.teacher_coverage !== undefined && m.teacher_coverage !== null) stats.push(stat(fmtPct(m.teacher_coverage), "train samples with a soft label", "teacher_coverage"));
   // Codistillation: the replicas together and apart.
   if (m.ensemble_test_acc !== undefined) stats.push(stat(fmtPct(m.ensemble_test_acc), "ensemble test accuracy", "ensemble_test_acc"));
   if (m.churn !== undefined && m.churn !== null) stats.push(stat(fmtPct(m.churn), "churn (replicas disagree)", "churn"));
@@ -127,8 +132,14 @@ function renderModelCard() {
   const note = [`Produced by this config with seed ${c.seed ?? 0}`];
   if (exp.device) note.push(`trained on ${exp.device}`);
   note.push("latency is the median of single-sample CPU runs on the worker");
+  // A model of a few thousand parameters spends its time in per-call overhead, not arithmetic: its
+  // latency and speed-up are within noise, and a smaller student can time slower than its teacher.
+  if ((m.student_params ?? Infinity) < 100_000 || (m.speedup !== undefined && m.speedup < 1)) {
+    note.push(`for a model this small (${fmtCount(m.student_params)} parameters) the time is mostly fixed per-call overhead of the framework, not arithmetic, so latency and speed-up can differ by 20% or more between identical runs, and a smaller student can even time slower than its teacher; compare speed on larger models or batched calls`);
+  }
   $("#card-note").textContent = note.join("; ") + ".";
   renderDistilButton();
+  renderContract();
 
   const replicas = exp.kind === "codistill" ? (c.codistill?.replicas || 1) : 0;
   const pick = $("#replica-pick");
@@ -142,6 +153,30 @@ function renderModelCard() {
 }
 
 // A trained model is a teacher: offer the next step where the user already is.
+// The file name the download endpoint gives (api.py _slug), so the snippet runs as pasted.
+function fileBase() {
+  const slug = (exp.name || "").replace(/[^A-Za-z0-9._-]+/g, "-").replace(/^[-.]+|[-.]+$/g, "").slice(0, 80) || "experiment";
+  return `${slug}-${exp.id}`;
+}
+
+// How to call the downloaded student: the dataset's input contract and a snippet per runtime.
+let contractShown = false;
+async function renderContract() {
+  if (contractShown) return;
+  const body = $("#contract-body");
+  if (!exp.dataset) { body.textContent = "The dataset this model was trained on was deleted, so its input contract is no longer known."; return; }
+  contractShown = true;
+  try {
+    const ds = await apiGet(`/api/datasets/${exp.dataset.id}/`);
+    const c = contractOf(ds);
+    const code = snippets(c, { onnx: `${fileBase()}.onnx`, torchscript: `${fileBase()}.ts` });
+    body.replaceChildren(contractList(c),
+      el("p", { class: "small muted", text: "The model normalises its inputs itself: give it the dataset's values as they are, not standardised." }),
+      el("h3", { text: "onnxruntime (.onnx download)" }), el("pre", { id: "snippet-onnx", text: code.onnx }),
+      el("h3", { text: "PyTorch (TorchScript download)" }), el("pre", { id: "snippet-torch", text: code.torch }));
+  } catch (e) { contractShown = false; body.textContent = `Could not load the dataset's input contract: ${e.message}`; }
+}
+
 async function renderDistilButton() {
   const btn = $("#distil-btn");
   if (exp.kind !== "train" || exp.status !== "succeeded" || btn.dataset.teacher) return;
@@ -177,7 +212,9 @@ function renderConfig() {
   if (exp.kind !== "distill") { delete shown.temperature; delete shown.alpha; delete shown.soft_loss; delete shown.teacher; }
   // Ids mean little to a reader: name the dataset and teacher.
   if (exp.dataset?.name) shown.dataset = `${exp.dataset.name} (#${exp.dataset.id})`;
+  else if (shown.dataset !== undefined && shown.dataset !== null) shown.dataset = `deleted (was dataset #${shown.dataset})`;
   if (shown.teacher && exp.teacher?.name) shown.teacher = `${exp.teacher.name} (#${exp.teacher.id})`;
+  else if (shown.teacher) shown.teacher = `deleted (was teacher #${shown.teacher})`;
   for (const k of Object.keys(shown)) if (shown[k] === null) delete shown[k];
   flat(shown);
   $("#config-kv").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
@@ -316,6 +353,9 @@ async function poll() {
 }
 
 $("#cancel-btn").addEventListener("click", async () => {
+  // One click next to "Clone and edit" must not end a long run: ask, naming it and what is kept.
+  const running = exp?.status === "running";
+  if (!confirm(`Stop “${exp?.name ?? `#${id}`}”?\n\nIt ends as cancelled${running ? " and keeps the best model it has so far" : ""}. This cannot be resumed; clone it to run again.`)) return;
   $("#cancel-btn").disabled = true;
   try {
     const res = await apiSend("POST", `/api/experiments/${id}/cancel/`);

@@ -1,5 +1,5 @@
 // Experiments list: status, progress with ETA, headline metrics, filters, and selection for comparison.
-import { $, ACTIVE, apiGet, badge, el, fmtCount, fmtDate, fmtDuration, fmtPct, items, progressBar } from "kd/api.js";
+import { $, ACTIVE, apiGet, apiSend, badge, el, fmtCount, fmtDate, fmtDuration, fmtPct, items, progressBar } from "kd/api.js";
 import { paramCount } from "kd/params.js";
 
 const selected = new Set();
@@ -50,7 +50,7 @@ function render() {
         el("td", { class: "num hide-sm" }, fmtPct(m.test_acc), teacherDelta(e)),
         el("td", { class: "num hide-sm", text: fmtCount(m.student_params) }),
         el("td", { class: "hide-sm small", text: fmtDate(e.created) }),
-        el("td", { class: "hide-sm num" }, distilLink(e, "btn small secondary")));
+        el("td", { class: "num" }, distilLink(e, "btn small secondary hide-sm"), stopButton(e)));
     }));
   }
   updateCompare();
@@ -63,6 +63,22 @@ function teacherDelta(e) {
   if (e.kind !== "distill" || typeof m.test_acc !== "number" || typeof m.teacher_acc !== "number") return null;
   const d = (m.test_acc - m.teacher_acc) * 100;
   return el("div", { class: "small muted", title: `teacher: ${fmtPct(m.teacher_acc)}`, text: `${d >= 0 ? "+" : "−"}${Math.abs(d).toFixed(1)} vs teacher` });
+}
+
+// A queued or running job can be stopped from the list, after a question that names it.
+function stopButton(e) {
+  if (e.status !== "queued" && e.status !== "running") return null;
+  return el("button", { class: "btn small danger", type: "button", "data-stop": e.id, text: "Stop…", onclick: async (ev) => {
+    if (!confirmStop(e)) return;
+    ev.target.disabled = true;
+    try { await apiSend("POST", `/api/experiments/${e.id}/cancel/`); } catch (err) { alert(`Could not stop “${e.name}”: ${err.message}`); }
+    window.dispatchEvent(new Event("kd:jobs-changed"));
+    load();
+  } });
+}
+
+function confirmStop(e) {
+  return confirm(`Stop “${e.name}” (#${e.id})?\n\nIt ends as cancelled${e.status === "running" ? " and keeps the best model it has so far" : ""}. This cannot be resumed; clone it to run again.`);
 }
 
 // A finished train experiment's model is a teacher: offer to distill it from its row.
@@ -127,9 +143,13 @@ function updateCompare() {
   const btn = $("#compare-btn");
   btn.disabled = selected.size < 1;
   btn.textContent = selected.size ? `Compare ${selected.size} selected` : "Compare selected";
+  // The button at the top is out of sight below a long list: a bar at the bottom of the screen repeats it.
+  $("#compare-bar").classList.toggle("hidden", selected.size < 1);
+  $("#compare-bar-text").textContent = `${selected.size} selected`;
 }
 
 $("#compare-btn").addEventListener("click", () => { location.href = `/compare/?ids=${[...selected].join(",")}`; });
+$("#compare-bar-btn").addEventListener("click", () => { location.href = `/compare/?ids=${[...selected].join(",")}`; });
 $("#select-all").addEventListener("change", (ev) => {
   for (const cb of document.querySelectorAll("#exp-table .pick")) {
     cb.checked = ev.target.checked;

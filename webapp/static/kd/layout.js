@@ -16,3 +16,6 @@ async function refresh() {
 
 refresh();
 setInterval(() => { if (!document.hidden) refresh(); }, 4000);
+// A page that sees a job change state (its live status message, a stop from the list) says so: the header
+// follows at once instead of at the next poll.
+window.addEventListener("kd:jobs-changed", refresh);

@@ -29,8 +29,47 @@ function widths(id, label) {
 
 class FieldError extends Error { constructor(field, message) { super(message); this.field = field; } }
 
+// Library models the architecture search has described: "torchvision/resnet18" -> {params, latency_ms}.
+const libInfo = new Map();
+let libQuery = null;
+
+function librarySpec() {
+  const text = $("#f-libname").value.trim();
+  const [lib, name] = text.includes("/") ? text.split("/", 2) : ["torchvision", text];
+  if (!name) throw new FieldError("#f-libname", "Library model: pick one from the list, e.g. “torchvision/resnet18”.");
+  if (lib !== "torchvision" && lib !== "timm") throw new FieldError("#f-libname", `Library model: “${lib}” is not torchvision or timm.`);
+  return { arch: lib, name, kwargs: {} };
+}
+
+// Search the server's architecture list (GET /api/architectures/) as the user types; the exact pick gets latency.
+async function searchLibrary(exact) {
+  const ds = selectedDataset();
+  const text = $("#f-libname").value.trim();
+  if (!ds || !/^\d+$/.test(String(ds.id))) return;
+  const name = text.includes("/") ? text.split("/", 2)[1] : text;
+  const key = `${ds.id}|${text}|${exact}`;
+  if (libQuery === key) return;
+  libQuery = key;
+  const lib = text.includes("/") ? `&library=${encodeURIComponent(text.split("/", 2)[0])}` : "&library=torchvision";
+  const url = exact
+    ? `/api/architectures/?dataset=${ds.id}&q=${encodeURIComponent(name)}${lib}&limit=3&latency=1`
+    : `/api/architectures/?dataset=${ds.id}&q=${encodeURIComponent(name)}${text.includes("/") ? lib : ""}&limit=40`;
+  let body;
+  try { body = await apiGet(url); } catch (e) { $("#lib-help").textContent = e.message; return; }
+  const rows = (body.architectures || []).filter((r) => r.spec.name);
+  for (const r of rows) libInfo.set(`${r.spec.arch}/${r.spec.name}`, { ...(libInfo.get(`${r.spec.arch}/${r.spec.name}`) || {}), ...r });
+  if (!exact) {
+    $("#lib-names").replaceChildren(...rows.map((r) => el("option", { value: `${r.spec.arch}/${r.spec.name}`,
+      label: r.error ? "does not run at this size" : `${fmtCount(r.params)} parameters` })));
+  }
+  const missing = Object.keys(body.unavailable || {});
+  if (missing.length) $("#lib-help").textContent = `Not installed on this server: ${missing.join(", ")}.`;
+  updateSize();
+}
+
 function spec() {
   const arch = $("#f-arch").value;
+  if (arch === "library") return librarySpec();
   if (arch === "resnet") return { arch, depth: Number($("#f-depth").value), width: Number($("#f-width").value) };
   const s = { arch, hidden: widths("#f-hidden", "Hidden layers") };
   if (arch === "cnn") {
@@ -100,7 +139,19 @@ function updateSize() {
   const ds = selectedDataset();
   if (!ds) { box.replaceChildren(el("div", { class: "small muted", text: "Pick a dataset to see the student's size." })); return; }
   let n;
-  try { n = paramCount(spec(), ds.input_shape, ds.num_classes); } catch (e) {
+  if ($("#f-arch").value === "library") {
+    let s;
+    try { s = librarySpec(); } catch (e) { box.replaceChildren(el("div", { class: "small muted", text: e.message })); return; }
+    const info = libInfo.get(`${s.arch}/${s.name}`);
+    if (!info || info.params === undefined) {
+      box.replaceChildren(el("div", { class: "small", style: info?.error ? "color:var(--bad)" : "", text: info?.error || "Looking up its size…" }));
+      return;
+    }
+    if (info.latency_ms !== undefined) {
+      $("#lib-help").textContent = `${fmtCount(info.params)} parameters · ${info.latency_ms.toFixed(2)} ms per sample on a CPU at ${ds.input_shape.join("×")}`;
+    }
+    n = info.params;
+  } else try { n = paramCount(spec(), ds.input_shape, ds.num_classes); } catch (e) {
     box.replaceChildren(el("div", { class: "small", style: "color:var(--bad)", id: "student-params-error", text: e.message })); return;
   }
   const t = $("#f-kind").value === "distill" ? selectedTeacher() : null;
@@ -121,6 +172,40 @@ function updateSize() {
   }
 }
 
+// Optimisation steps the run will take, as the trainer counts them (kd_core batches_per_epoch), or null.
+function estimatedSteps() {
+  const ds = selectedDataset();
+  const n = ds?.num_samples;
+  const batch = num("#f-batch_size");
+  const epochs = num("#f-epochs");
+  if (!n || !(batch >= 1) || !(epochs >= 1)) return null;
+  let train = Math.max(1, n - Math.round(n * (num("#f-val_fraction") ?? 0.1)) - Math.round(n * (num("#f-test_fraction") ?? 0.2)));
+  if ($("#c-data").value === "disjoint") train = Math.max(1, Math.floor(train / Math.max(1, num("#c-replicas") || 1)));
+  const full = Math.floor(train / batch), rest = train % batch;
+  const perEpoch = full + (rest > 1 || (rest === 1 && full === 0) ? 1 : 0);
+  const cap = num("#f-max_steps");
+  return cap ? Math.min(cap, Math.round(epochs) * perEpoch) : Math.round(epochs) * perEpoch;
+}
+
+// Burn-in follows the run's length until the user types one: a quarter of the steps, at most 200 (the
+// engine's default). A burn-in as long as the run would never codistill, so it is named before launch.
+function updateBurnIn() {
+  const box = $("#burn-in-note");
+  if ($("#f-kind").value !== "codistill") { box.textContent = ""; return; }
+  const steps = estimatedSteps();
+  const input = $("#c-burn_in_steps");
+  if (steps && input.dataset.touched !== "1") input.value = Math.min(200, Math.floor(steps / 4));
+  const burn = num("#c-burn_in_steps");
+  box.className = "help";
+  if (!steps) { box.textContent = "Plain training before the distillation term starts."; return; }
+  if (burn >= steps) {
+    box.className = "help warn";
+    box.textContent = `The run has about ${steps.toLocaleString("en-US")} steps: a burn-in of ${burn} means the replicas never learn from each other. Try ${Math.floor(steps / 4)}.`;
+  } else {
+    box.textContent = `Plain training for ${burn} of the run's ~${steps.toLocaleString("en-US")} steps, then the replicas learn from each other.`;
+  }
+}
+
 function updateKind() {
   const kind = $("#f-kind").value;
   $("#kind-help").textContent = KIND_HELP[kind];
@@ -138,7 +223,9 @@ function refresh() {
   updateKind();
   updateArch();
   updateSize();
-  $("#wd-note").classList.toggle("strong", (num("#f-weight_decay") || 0) > 0);
+  // The weight-decay advice matters only when weight decay is set.
+  $("#wd-note").classList.toggle("hidden", !((num("#f-weight_decay") || 0) > 0));
+  updateBurnIn();
   const s = sweep();
   const count = s ? (s.temperature?.length || 1) * (s.alpha?.length || 1) : 0;
   $("#sweep-count").textContent = s ? `Launches ${count} experiments, one per combination.` : "";
@@ -157,24 +244,41 @@ function fill(c) {
   for (const k of ["epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "seed", "augment", "temperature", "alpha", "soft_loss",
     "log_every", "max_steps", "momentum", "val_fraction", "test_fraction"]) set(`#f-${k}`, c[k]);
   const m = c.model || {};
-  set("#f-arch", m.arch);
+  if (m.arch === "torchvision" || m.arch === "timm") {
+    set("#f-arch", "library");
+    set("#f-libname", `${m.arch}/${m.name}`);
+  } else set("#f-arch", m.arch);
   if (m.hidden) set("#f-hidden", m.hidden.join(", "));
   if (m.channels) set("#f-channels", m.channels.join(", "));
   set("#f-dropout", m.dropout);
   set("#f-depth", m.depth);
   set("#f-width", m.width);
   for (const [k, v] of Object.entries(c.codistill || {})) set(`#c-${k}`, v);
+  if (c.codistill?.burn_in_steps !== undefined) $("#c-burn_in_steps").dataset.touched = "1";
 }
 
 function options(select, list, label, emptyText) {
   select.replaceChildren(...(list.length ? list.map((x) => el("option", { value: x.id, text: label(x) })) : [el("option", { value: "", text: emptyText })]));
 }
 
+// A dimension an ONNX file leaves open (a name or null) fits any size.
+function shapeFits(ts, ds) {
+  if (!Array.isArray(ts) || !Array.isArray(ds)) return true;
+  return ts.length === ds.length && ts.every((d, i) => typeof d !== "number" || d === ds[i]);
+}
 function fits(t, ds) {
   if (!ds || !t) return true;
-  const shapeOk = !t.input_shape || JSON.stringify(t.input_shape) === JSON.stringify(ds.input_shape);
-  return shapeOk && (!t.num_classes || t.num_classes === ds.num_classes);
+  return shapeFits(t.input_shape, ds.input_shape) && (!t.num_classes || !ds.num_classes || t.num_classes === ds.num_classes);
 }
+const dims = (s) => (Array.isArray(s) ? s.map((d) => (typeof d === "number" ? d : "?")).join("×") : "?");
+// Why a teacher cannot be distilled on a dataset, in the words the API uses.
+function misfit(t, ds) {
+  const why = [];
+  if (t.num_classes && ds?.num_classes && t.num_classes !== ds.num_classes) why.push(`predicts ${t.num_classes} classes but “${ds.name}” has ${ds.num_classes}`);
+  if (!shapeFits(t.input_shape, ds?.input_shape)) why.push(`takes inputs of shape ${dims(t.input_shape)} but “${ds.name}” has ${dims(ds.input_shape)}`);
+  return `“${t.name}” ${why.join(" and ")}`;
+}
+function datasetName(id) { return datasets.find((d) => d.id === id)?.name; }
 
 // What each trained-here teacher came from (kind, test accuracy): a good default and an informed choice.
 let sources = new Map();
@@ -190,12 +294,25 @@ function fillTeachers() {
   const ds = selectedDataset();
   const keep = $("#f-teacher").value;
   const acc = (t) => sourceOf(t)?.metrics?.test_acc ?? -1;
-  const sorted = [...teachers].sort((a, b) => (fits(b, ds) - fits(a, ds)) || (teacherRank(b) - teacherRank(a)) || (acc(b) - acc(a)));
-  options($("#f-teacher"), sorted, (t) => {
+  const sorted = [...teachers].sort((a, b) => (teacherRank(b) - teacherRank(a)) || (acc(b) - acc(a)));
+  const label = (t) => {
     const a = acc(t);
-    return `${t.name} · ${fmtCount(t.num_params)} params${a >= 0 ? ` · ${(a * 100).toFixed(1)}% test acc` : ""}${fits(t, ds) ? "" : " (does not fit this dataset)"}`;
-  }, "no teacher yet: upload or train one");
-  if (keep && sorted.some((t) => String(t.id) === keep)) $("#f-teacher").value = keep;
+    const on = datasetName(t.dataset);
+    return `${t.name} · ${fmtCount(t.num_params)} params${a >= 0 ? ` · ${(a * 100).toFixed(1)}% test acc` : ""}${on ? ` · for ${on}` : ""}`;
+  };
+  const ok = sorted.filter((t) => fits(t, ds));
+  const bad = sorted.filter((t) => !fits(t, ds));
+  const select = $("#f-teacher");
+  // Teachers that cannot take this dataset are listed apart and cannot be picked.
+  select.replaceChildren(
+    ...(ok.length ? ok.map((t) => el("option", { value: t.id, text: label(t) }))
+      : [el("option", { value: "", text: teachers.length ? "no teacher fits this dataset" : "no teacher yet: upload or train one" })]),
+    bad.length ? el("optgroup", { label: "Do not fit this dataset", id: "misfit-teachers" },
+      bad.map((t) => el("option", { value: t.id, disabled: true, text: `${label(t)} · ${misfit(t, ds).replace(`“${t.name}” `, "")}` }))) : null);
+  if (keep && ok.some((t) => String(t.id) === keep)) select.value = keep;
+  $("#teacher-help").textContent = ok.length ? "A model you uploaded or trained here." : teachers.length
+    ? `None of your ${teachers.length} teacher(s) fits “${ds?.name ?? "this dataset"}”: pick another dataset, or train a teacher on this one.`
+    : "No teacher yet: upload one on the Teachers page, or train one here.";
 }
 
 async function init() {
@@ -209,7 +326,11 @@ async function init() {
   options($("#f-dataset"), datasets, (d) => `${d.name} · ${d.num_samples ?? "?"} samples, ${d.num_classes ?? "?"} classes`, "no dataset yet: upload one");
   if (!datasets.length) $("#dataset-help").replaceChildren("No datasets yet: ", el("a", { href: "/datasets/", text: "upload one" }), ".");
 
-  $("#f-dataset").addEventListener("change", fillTeachers);
+  $("#f-dataset").addEventListener("change", () => {
+    fillTeachers();
+    // The quick-launch card names one pairing; another dataset means the user decides below.
+    if ($("#quick-launch")) $("#quick-launch").remove();
+  });
   if (q.get("clone")) {
     try {
       const exp = await apiGet(`/api/experiments/${encodeURIComponent(q.get("clone"))}/`);
@@ -226,23 +347,42 @@ async function init() {
     if (q.get("kind")) $("#f-kind").value = q.get("kind");
     if (q.get("name")) $("#f-name").value = q.get("name");
     if (q.get("dataset")) $("#f-dataset").value = q.get("dataset");
-    else if (q.get("teacher")) {
-      // "Distill this teacher": start from a dataset it fits, preferably the one it was trained on.
-      const t = teachers.find((x) => String(x.id) === q.get("teacher"));
-      const d = t && (datasets.find((x) => x.id === t.dataset && fits(t, x)) || datasets.find((x) => fits(t, x)));
-      if (d) $("#f-dataset").value = d.id;
+    let paired = null;
+    const wanted = teachers.find((x) => String(x.id) === q.get("teacher"));
+    if (!q.get("dataset") && wanted) {
+      // "Distill this teacher": the dataset it was trained on or uploaded for; else the only one it fits.
+      const own = datasets.find((x) => x.id === wanted.dataset && fits(wanted, x));
+      const fitting = datasets.filter((x) => fits(wanted, x));
+      paired = own || (fitting.length === 1 ? fitting[0] : null);
+      if (paired) $("#f-dataset").value = paired.id;
+      else if (fitting.length) $("#f-dataset").value = fitting[0].id;
     }
     fillTeachers();
-    if (q.get("teacher")) $("#f-teacher").value = q.get("teacher");
-    // Arriving from "Distill it now": the defaults are ready, so the launch button comes to the top of the form.
+    if (wanted && fits(wanted, selectedDataset())) $("#f-teacher").value = wanted.id;
     const t = selectedTeacher();
-    if (q.get("teacher") && t && String(t.id) === q.get("teacher") && ($("#f-kind").value === "distill" || !q.get("kind"))) {
+    if (wanted && ($("#f-kind").value === "distill" || !q.get("kind"))) {
       $("#f-kind").value = "distill";
-      $("#clone-note").replaceChildren(el("div", { class: "card start", id: "quick-launch" },
-        el("div", { class: "start-text" },
-          el("h2", { text: `Distill “${t.name}”` }),
-          el("p", { id: "quick-summary" })),
-        el("button", { class: "btn big", type: "submit", form: "exp-form", id: "quick-launch-btn", text: "Launch with these settings" })));
+      const ds = selectedDataset();
+      if (t && String(t.id) === q.get("teacher") && (paired || q.get("dataset"))) {
+        // The teacher and its own dataset are known: the defaults are ready, so the launch button comes to the top.
+        $("#clone-note").replaceChildren(el("div", { class: "card start", id: "quick-launch" },
+          el("div", { class: "start-text" },
+            el("h2", { text: `Distill “${t.name}” on “${ds.name}”` }),
+            el("p", { id: "quick-summary" }),
+            el("div", { id: "quick-msg", "aria-live": "polite" })),
+          el("button", { class: "btn big", type: "submit", form: "exp-form", id: "quick-launch-btn", text: "Launch with these settings" })));
+      } else if (t && String(t.id) === q.get("teacher")) {
+        // It fits several datasets and none is recorded as its own: the user picks, nothing launches by itself.
+        $("#clone-note").replaceChildren(el("div", { class: "alert note", id: "pair-note" },
+          `“${wanted.name}” fits more than one of your datasets and none is recorded as the one it was trained on. `,
+          `“${ds.name}” is selected: check the Dataset field below before launching.`));
+      } else {
+        const near = datasets.map((d) => misfit(wanted, d).replace(`“${wanted.name}” `, ""));
+        $("#clone-note").replaceChildren(el("div", { class: "alert error", id: "pair-note", role: "alert" },
+          el("strong", { text: `“${wanted.name}” fits none of your datasets. ` }),
+          datasets.length ? `It ${near[0]}. ` : "You have no dataset yet. ",
+          "Upload the dataset it was trained on (same columns or image size, same classes), or ", el("a", { href: "/teachers/", text: "upload a teacher" }), " made for one of yours."));
+      }
     }
     if (q.get("kind") === "train" && q.get("name") === "teacher") { $("#f-hidden").value = "256, 128"; }
   }
@@ -250,44 +390,109 @@ async function init() {
 }
 
 $("#exp-form").addEventListener("input", refresh);
+let libTimer = null;
+$("#f-libname").addEventListener("input", () => { clearTimeout(libTimer); libTimer = setTimeout(() => searchLibrary(false), 250); });
+$("#f-libname").addEventListener("change", () => searchLibrary(true));
+$("#c-burn_in_steps").addEventListener("input", () => { $("#c-burn_in_steps").dataset.touched = "1"; });
 $("#exp-form").addEventListener("change", refresh);
+
+// --- errors where the eye is: every bad field marked, the message beside the button that was pressed ---
+
+// A config key ('epochs', 'codistill.replicas', 'model.hidden') -> the form field that edits it.
+function fieldFor(key) {
+  if (key.startsWith("codistill.")) return $(`#c-${key.slice(10)}`);
+  if (key === "model.name" || key.startsWith("model.kwargs")) return $("#f-libname");
+  if (key.startsWith("model.")) return $(`#f-${key.slice(6)}`) || $("#f-arch");
+  if (key === "model") return $("#f-arch");
+  return $(`#f-${key}`);
+}
+
+function labelOf(input) { return document.querySelector(`label[for="${input.id}"]`)?.textContent || input.id; }
+
+function clearMarks() {
+  for (const f of document.querySelectorAll("#exp-form .field.invalid")) f.classList.remove("invalid");
+  for (const m of document.querySelectorAll("#exp-form .field-error")) m.remove();
+  for (const i of document.querySelectorAll("#exp-form [aria-invalid]")) i.removeAttribute("aria-invalid");
+}
+
+// Mark each input with its own message; the hidden "Advanced" part opens when one of its fields is bad.
+function mark(problems) {
+  for (const [input, text] of problems) {
+    const box = input.closest(".field");
+    if (!box) continue;
+    box.classList.add("invalid");
+    input.setAttribute("aria-invalid", "true");
+    box.append(el("div", { class: "field-error", text }));
+    const details = input.closest("details");
+    if (details) details.open = true;
+  }
+}
+
+// The message next to the pressed button (the quick-launch card, or the bottom of the form), scrolled into view.
+function report(text, problems, button) {
+  clearMarks();
+  mark(problems);
+  const list = problems.length > 1 ? el("ul", {}, problems.map(([input, t]) => el("li", {}, el("strong", { text: `${labelOf(input)}: ` }), t))) : null;
+  const box = el("div", { class: "alert error", role: "alert", id: "launch-error" }, el("div", { text }), list);
+  const near = button?.id === "quick-launch-btn" ? $("#quick-msg") : $("#form-msg");
+  $("#form-msg").replaceChildren();
+  if ($("#quick-msg")) $("#quick-msg").replaceChildren();
+  near.replaceChildren(box);
+  box.scrollIntoView({ block: "center" });
+  const first = problems.find(([input]) => input.offsetParent !== null)?.[0];
+  if (first) first.focus({ preventScroll: true });
+}
+
+// What the browser can tell before asking the server: unreadable widths, empty numbers, a missing choice.
+function localProblems() {
+  const problems = [];
+  for (const [id, label] of [["#f-hidden", "Hidden layers"], ["#f-channels", "Conv channels"]]) {
+    if ($(id).closest(".field").classList.contains("hidden")) continue;
+    try { widths(id, label); } catch (e) { problems.push([$(id), e.message.replace(`${label}: `, "")]); }
+  }
+  for (const input of document.querySelectorAll("#exp-form input[type=number]")) {
+    if (input.required && input.value.trim() === "" && input.offsetParent !== null) problems.push([input, "enter a number"]);
+  }
+  if (!$("#f-dataset").value) problems.push([$("#f-dataset"), "pick a dataset (upload one on the Datasets page)"]);
+  if ($("#f-kind").value === "distill") {
+    const t = selectedTeacher();
+    if (!t) problems.push([$("#f-teacher"), "distillation needs a teacher: upload one or train one first"]);
+    else if (!fits(t, selectedDataset())) problems.push([$("#f-teacher"), misfit(t, selectedDataset())]);
+  }
+  const s = sweep();
+  if (s && [...(s.temperature || []), ...(s.alpha || [])].some((v) => Number.isNaN(v))) problems.push([$("#f-sweep-t"), "sweep values must be numbers separated by commas"]);
+  return problems;
+}
 
 $("#exp-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
-  const msg = $("#form-msg");
-  msg.replaceChildren();
-  let c;
-  try { c = config(); } catch (e) {
-    if (!(e instanceof FieldError)) throw e;
-    showError(msg, e.message);
-    $(e.field).focus();
+  const button = ev.submitter || $("#launch-btn");
+  const local = localProblems();
+  if (local.length) {
+    report(local.length > 1 ? `Not launched: ${local.length} fields need a look.` : `Not launched: ${labelOf(local[0][0])}: ${local[0][1]}.`, local, button);
     return;
   }
-  // Empty number fields would silently fall back to the server's defaults: name them instead.
-  const empty = [...document.querySelectorAll("#exp-form input[type=number]")].find((i) => i.required && i.value.trim() === "" && i.offsetParent !== null);
-  if (empty) { showError(msg, `${document.querySelector(`label[for="${empty.id}"]`)?.textContent || empty.id}: enter a number.`); empty.focus(); return; }
-  if (!c.dataset && c.dataset !== 0) { showError(msg, "Pick a dataset (upload one on the Datasets page)."); return; }
-  if (c.kind === "distill" && !c.teacher) { showError(msg, "Distillation needs a teacher: upload one or train one first."); return; }
+  const c = config();
   const s = sweep();
-  if (s && [...(s.temperature || []), ...(s.alpha || [])].some((v) => Number.isNaN(v))) { showError(msg, "Sweep values must be numbers separated by commas."); return; }
-  const btn = $("#launch-btn");
-  const label = btn.textContent;
-  btn.disabled = true;
-  btn.textContent = "Launching…";
-  if ($("#quick-launch-btn")) $("#quick-launch-btn").disabled = true;
+  clearMarks();
+  $("#form-msg").replaceChildren();
+  const buttons = [$("#launch-btn"), $("#quick-launch-btn")].filter(Boolean);
+  const labels = buttons.map((b) => b.textContent);
+  for (const b of buttons) b.disabled = true;
+  button.textContent = "Launching…";
   try {
     const res = await apiSend("POST", "/api/experiments/", s ? { ...c, sweep: s } : c);
     if (res.ids) location.href = `/compare/?ids=${res.ids.join(",")}`;
     else location.href = `/experiments/${res.id}/`;
   } catch (e) {
-    showError(msg, `Not launched: ${e.message}`);
-    // The API names the config key at fault ('epochs', 'codistill.replicas'): take the user to that field.
+    // The API names every bad config key in `fields`; older answers name one key at the start of `error`.
+    const fields = e.fields || {};
     const key = /^'([\w.]+)'/.exec(e.message)?.[1];
-    const field = key && ($(`#f-${key}`) || $(`#c-${key.replace(/^codistill\./, "")}`) || (key.startsWith("model.") ? $(`#f-${key.slice(6)}`) : null));
-    if (field) field.focus();
-    btn.disabled = false;
-    btn.textContent = label;
-    if ($("#quick-launch-btn")) $("#quick-launch-btn").disabled = false;
+    if (!Object.keys(fields).length && key) fields[key] = e.message;
+    const problems = Object.entries(fields).map(([k, text]) => [fieldFor(k), text]).filter(([input]) => input);
+    const all = problems.length > 1 && problems.length === Object.keys(fields).length;
+    report(all ? `Not launched: ${problems.length} fields need a look.` : `Not launched: ${e.message}`, problems, button);
+    buttons.forEach((b, i) => { b.disabled = false; b.textContent = labels[i]; });
   }
 });
 

@@ -53,8 +53,8 @@ $("#upload-form").addEventListener("submit", async (ev) => {
     if (spec === undefined) return;
     if (spec === "required") { archErr.textContent = "A state dict needs its architecture spec."; return; }
     if (spec) fd.append("arch", JSON.stringify(spec));
-    if ($("#ck-dataset").value) fd.append("dataset", $("#ck-dataset").value);
   }
+  if ($("#ck-dataset").value) fd.append("dataset", $("#ck-dataset").value);
   const bar = $("#upload-progress");
   bar.classList.remove("hidden");
   $("#upload-btn").disabled = true;
@@ -79,7 +79,9 @@ $("#upload-form").addEventListener("submit", async (ev) => {
   }
 });
 
-function shape(s) { return Array.isArray(s) ? `(${s.join(" × ")})` : (s ?? "–"); }
+// An ONNX file may leave a dimension open (null or a name such as "batch"): shown as "any", never "null".
+function shape(s) { return Array.isArray(s) ? `(${s.map((d) => (typeof d === "number" ? d : "any")).join(" × ")})` : "–"; }
+let datasetNames = new Map();
 function stat(v, l) { return el("div", { class: "stat" }, el("div", { class: "v", text: v }), el("div", { class: "l", text: l })); }
 
 function showFound(ck) {
@@ -87,39 +89,61 @@ function showFound(ck) {
     el("h3", { text: ck.name }),
     el("div", { class: "stats", id: "ck-stats" }, stat(fmtCount(ck.num_params), "parameters"),
       stat(shape(ck.input_shape), "input shape"), stat(ck.num_classes ?? "–", "classes"), stat(ck.format ?? "–", "format")),
-    ck.arch || ck.spec ? el("pre", { style: "margin-top:.8rem", text: JSON.stringify(ck.arch || ck.spec) }) : null,
+    ck.arch ? el("pre", { style: "margin-top:.8rem", text: JSON.stringify(ck.arch) })
+      : el("p", { class: "small muted", text: ck.format === "onnx" || ck.format === "torchscript" ? "A program (ONNX/TorchScript): it runs as it is, in the sandbox; no architecture spec is needed." : "No architecture spec recorded." }),
+    Array.isArray(ck.class_names) && ck.class_names.length ? el("p", { class: "small", text: `Classes, in output order: ${ck.class_names.slice(0, 20).join(", ")}${ck.class_names.length > 20 ? ", …" : ""}` }) : null,
+    ck.dataset ? el("p", { class: "small", id: "ck-for", text: `For dataset “${datasetNames.get(ck.dataset) ?? `#${ck.dataset}`}”: “Distill this teacher” starts from it.` }) : null,
     el("div", { class: "row", style: "margin-top:1rem" },
       el("a", { class: "btn", href: `/experiments/new/?kind=distill&teacher=${ck.id}`, text: "Distill this teacher →" })));
 }
 
+function row(c) {
+  return el("tr", { "data-id": c.id },
+    el("td", {}, el("a", { href: "#", text: c.name, onclick: (e) => { e.preventDefault(); showFound(c); } }),
+      el("div", { class: "small muted show-sm", text: `${fmtCount(c.num_params)} params · ${shape(c.input_shape)} · ${c.num_classes ?? "?"} classes` })),
+    el("td", { class: "hide-sm", text: c.format ?? "–" }), el("td", { class: "num hide-sm", text: fmtCount(c.num_params) }),
+    el("td", { class: "mono hide-sm", text: shape(c.input_shape) }), el("td", { class: "num hide-sm", text: c.num_classes ?? "–" }),
+    el("td", { class: "hide-sm" }, c.source_experiment ? el("a", { href: `/experiments/${c.source_experiment}/`, text: `experiment #${c.source_experiment}` })
+      : c.status === "inspecting" ? "uploaded, being inspected…" : c.status === "failed" ? el("span", { class: "error", text: `refused: ${c.error}` })
+        : c.dataset ? `uploaded for “${datasetNames.get(c.dataset) ?? `#${c.dataset}`}”` : "uploaded"),
+    el("td", { class: "num actions" },
+      c.status === "ready" || !c.status ? el("a", { class: "btn small secondary", href: `/experiments/new/?kind=distill&teacher=${c.id}`, text: "Distill" }) : null, " ",
+      c.source_experiment ? null : el("button", { class: "btn small danger", type: "button", text: "Delete", onclick: async () => {
+        if (!confirm(`Delete teacher “${c.name}”? Experiments that used it keep their results.`)) return;
+        try { await apiSend("DELETE", `/api/checkpoints/${c.id}/`); loadList(); } catch (e) { alert(e.message); }
+      } })));
+}
+
+// Uploaded teachers first; models trained here (every finished run has one) apart, the latest few shown,
+// so a long history does not bury what the user uploaded on purpose.
+const TRAINED_SHOWN = 5;
 async function loadList() {
   const tbody = $("#ck-table tbody");
   try {
     const list = items(await apiGet("/api/checkpoints/"));
-    if (!list.length) { tbody.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No teachers yet: upload a trained model above, or train one here (every finished experiment's model appears in this list)." }))); return; }
-    tbody.replaceChildren(...list.map((c) => el("tr", { "data-id": c.id },
-      el("td", {}, el("a", { href: "#", text: c.name, onclick: (e) => { e.preventDefault(); showFound(c); } })),
-      el("td", { class: "hide-sm", text: c.format ?? "–" }), el("td", { class: "num", text: fmtCount(c.num_params) }),
-      el("td", { class: "mono hide-sm", text: shape(c.input_shape) }), el("td", { class: "num hide-sm", text: c.num_classes ?? "–" }),
-      el("td", { class: "hide-sm" }, c.source_experiment ? el("a", { href: `/experiments/${c.source_experiment}/`, text: `experiment #${c.source_experiment}` })
-        : c.status === "inspecting" ? "uploaded, being inspected…" : c.status === "failed" ? el("span", { class: "error", text: `refused: ${c.error}` }) : "uploaded"),
-      el("td", { class: "num" },
-        el("a", { class: "btn small secondary", href: `/experiments/new/?kind=distill&teacher=${c.id}`, text: "Distill" }), " ",
-        c.source_experiment ? null : el("button", { class: "btn small danger", type: "button", text: "Delete", onclick: async () => {
-          if (!confirm(`Delete teacher “${c.name}”?`)) return;
-          try { await apiSend("DELETE", `/api/checkpoints/${c.id}/`); loadList(); } catch (e) { alert(e.message); }
-        } })))));
+    const uploaded = list.filter((c) => !c.source_experiment);
+    const trained = list.filter((c) => c.source_experiment).sort((a, b) => (a.role === "teacher" ? 0 : 1) - (b.role === "teacher" ? 0 : 1));
+    tbody.replaceChildren(...(uploaded.length ? uploaded.map(row)
+      : [el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No uploaded teachers yet: upload a trained model above, or use one trained here (below)." }))]));
+    const all = $("#trained-all");
+    const showAll = all.dataset.open === "1";
+    $("#trained-table tbody").replaceChildren(...(trained.length ? (showAll ? trained : trained.slice(0, TRAINED_SHOWN)).map(row)
+      : [el("tr", {}, el("td", { colspan: 7, class: "muted" }, "None yet: every finished experiment's model appears here. ", el("a", { href: "/experiments/new/?kind=train&name=teacher", text: "Train a teacher" }), ".")) ]));
+    $("#trained-count").textContent = trained.length ? ` (${trained.length})` : "";
+    all.classList.toggle("hidden", trained.length <= TRAINED_SHOWN);
+    all.textContent = showAll ? "Show the latest 5" : `Show all ${trained.length}`;
   } catch (e) {
     tbody.replaceChildren(el("tr", {}, el("td", { colspan: 7 }, el("div", { class: "alert error", text: e.message }))));
   }
 }
+$("#trained-all").addEventListener("click", () => { $("#trained-all").dataset.open = $("#trained-all").dataset.open === "1" ? "" : "1"; loadList(); });
 
 async function loadDatasets() {
   try {
     const list = items(await apiGet("/api/datasets/"));
-    $("#ck-dataset").append(...list.map((d) => el("option", { value: d.id, text: `${d.name} (${Array.isArray(d.input_shape) ? d.input_shape.join("×") : "?"}, ${d.num_classes ?? "?"} classes)` })));
+    datasetNames = new Map(list.map((d) => [d.id, d.name]));
+    $("#ck-dataset").append(...list.filter((d) => !d.status || d.status === "ready").map((d) => el("option", { value: d.id, text: `${d.name} (${Array.isArray(d.input_shape) ? d.input_shape.join("×") : "?"}, ${d.num_classes ?? "?"} classes)` })));
   } catch { /* optional field */ }
 }
 
-loadList();
-loadDatasets();
+loadDatasets().then(loadList);
