@@ -21,10 +21,10 @@ from torch import nn
 
 from kd_core.errors import CheckpointError, ConfigError
 from kd_core.file_guards import check_torch_zip, refuse_onnx_external_data
-from kd_core.models import KDModel, build_model, count_params, full_spec
+from kd_core.models import KDModel, LibraryModel, build_model, count_params, full_spec, is_library
 from kd_core.sandbox import SandboxedModel, SandboxLimits
 
-FORMATS = ("safetensors", "state_dict", "torchscript", "onnx")
+FORMATS = ("safetensors", "state_dict", "torchscript", "onnx", "exported_program")
 # The metadata keys our exports write (JSON-encoded strings); everything else is ignored.
 META_KEYS = ("spec", "input_shape", "num_classes", "class_names", "preprocessing", "num_params")
 # TorchScript archives carry the same metadata as one extra file.
@@ -227,11 +227,13 @@ def detect_format(path: Path) -> str:
         return "torchscript"
     if ext == ".onnx":
         return "onnx"
+    if ext == ".pt2":
+        return "exported_program"
     if ext in (".pt", ".pth"):
         return "torchscript" if _is_torchscript_zip(path) else "state_dict"
     raise CheckpointError(
         f"unsupported checkpoint type '{ext or path.name}': use .safetensors, .pt/.pth (state dict), "
-        ".ts (TorchScript) or .onnx"
+        ".ts (TorchScript), .pt2 (torch.export) or .onnx"
     )
 
 
@@ -366,6 +368,31 @@ def _infer_classes(tensors: dict[str, torch.Tensor]) -> int | None:
     return int(w.shape[0]) if w is not None and w.dim() == 2 else None
 
 
+def _infer_library_classes(
+    tensors: dict[str, torch.Tensor], spec: dict, shape: tuple[int, ...]
+) -> int | None:
+    """A library model's class count read off its head's weight in the file (the head found on a meta build)."""
+    try:
+        # Only the head's name is needed: built on the meta device, nothing is allocated or initialised.
+        with torch.device("meta"):
+            probe = build_model(spec, shape, 1000)
+    except ConfigError:
+        return None
+    for prefix in probe.head_prefixes:
+        for key in (f"{prefix}weight", f"{prefix[len('net.') :]}weight"):
+            w = tensors.get(key)
+            if w is not None and w.dim() in (2, 4):
+                return int(w.shape[0])
+    return None
+
+
+def _library_keys(model: KDModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A plain torchvision/timm state dict (no `net.` prefix) in LibraryModel's layout."""
+    if not isinstance(model, LibraryModel) or any(k.startswith("net.") for k in tensors):
+        return tensors
+    return {k if k in ("mean", "std") else f"net.{k}": v for k, v in tensors.items()}
+
+
 def _count_tensor_params(tensors: dict[str, torch.Tensor]) -> int:
     # Without the module, buffers are recognised by name: BN statistics and our normalisation.
     skip = ("running_mean", "running_var", "num_batches_tracked")
@@ -391,6 +418,8 @@ def _model_from_weights(
     if input_shape is None:
         raise CheckpointError(f"{source}: the input shape is unknown (it comes from the dataset)")
     num_classes = num_classes or _infer_classes(tensors)
+    if num_classes is None and is_library(full_spec(spec)):
+        num_classes = _infer_library_classes(tensors, spec, tuple(input_shape))
     if num_classes is None:
         raise CheckpointError(f"{source}: the class count is unknown (no classifier.weight, no dataset)")
     # Building initialises weights; keep the caller's RNG stream as if nothing was built.
@@ -404,6 +433,7 @@ def _model_from_weights(
 
 
 def _load_weights(model: KDModel, tensors: dict[str, torch.Tensor], source: str) -> None:
+    tensors = _library_keys(model, tensors)
     expected = model.state_dict()
     # A state dict saved from a plain (unnormalised) model may lack our normalisation buffers.
     missing = [k for k in expected if k not in tensors and k not in ("mean", "std")]
@@ -476,14 +506,15 @@ def _parse_ts_meta(text: str, source: str) -> dict[str, Any]:
     return _parse_meta(raw, source)
 
 
-def _load_torchscript(path: Path, limits: SandboxLimits | None) -> Teacher:
+def _load_torchscript(path: Path, limits: SandboxLimits | None, kind: str = "torchscript") -> Teacher:
     # Read, op-checked and run only in the sandbox child; this process never parses the archive's code.
-    sandbox = SandboxedModel(path.read_bytes(), "torchscript", source=path.name, limits=limits)
+    # A torch.export program (.pt2) is served the same way, its metadata in the same extra file.
+    sandbox = SandboxedModel(path.read_bytes(), kind, source=path.name, limits=limits)
     try:
         meta = _parse_ts_meta(str(sandbox.info.get("meta") or ""), path.name)
         num_params = sandbox.info.get("num_params")
         return Teacher(
-            format="torchscript",
+            format=kind,
             fingerprint=fingerprint_file(path),
             sandbox=sandbox,
             input_shape=meta["input_shape"],
@@ -522,8 +553,12 @@ def _load_onnx(path: Path, limits: SandboxLimits | None) -> Teacher:
     try:
         # Parsing the protobuf is data only; the graph itself runs in the sandbox child.
         proto = onnx.ModelProto.FromString(data)
-    except Exception as e:
-        raise CheckpointError(f"{path.name} is not a readable ONNX model: {_short(e)}") from None
+    except Exception:
+        # The protobuf parser's own words ("Wire format was corrupt") tell a user nothing they can act on.
+        raise CheckpointError(
+            f"{path.name} is not a readable ONNX model: the file is damaged, cut short, or not ONNX. "
+            "Export the model again (for example with torch.onnx.export) and upload the .onnx file itself"
+        ) from None
     # External data names files on the machine that loads the model: refused wherever it appears.
     refuse_onnx_external_data(proto, path.name)
     _refuse_foreign_onnx_ops(proto, path.name)
@@ -597,11 +632,17 @@ def load_teacher(
     from KD_SANDBOX_* variables); close the teacher when done with it.
     """
     path = Path(path)
+    if path.suffix.lower() == ".npz":  # soft labels: a file of predictions, never code
+        from kd_core.soft_labels import load_soft_label_teacher
+
+        return load_soft_label_teacher(path, num_classes=num_classes)  # type: ignore[return-value]
     fmt = detect_format(path)
     if fmt in ("safetensors", "state_dict"):
         return _load_weights_teacher(path, fmt, arch, input_shape, num_classes, preprocessing)
-    loader = _load_torchscript if fmt == "torchscript" else _load_onnx
-    teacher = loader(path, sandbox_limits)
+    if fmt == "onnx":
+        teacher = _load_onnx(path, sandbox_limits)
+    else:
+        teacher = _load_torchscript(path, sandbox_limits, fmt)
     try:
         hint = _shape_arg(input_shape)
         if teacher.input_shape is None and hint is not None:
@@ -628,15 +669,19 @@ def inspect_checkpoint(
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
     sandbox_limits: SandboxLimits | None = None,
+    preprocessing: dict | None = None,
 ) -> dict[str, Any]:
     """What an uploaded file holds, without a dataset: format, sizes and spec; unknowns are None.
+
+    `preprocessing` ({"mean", "std"} per channel) is the normalisation a plain state dict was trained
+    with outside the model; it is checked here and baked in wherever the weights are rebuilt.
 
     TorchScript and ONNX files are read (and probed on `input_shape`) only in a sandbox child, which is
     closed before this returns. A known class count that differs from `num_classes` is refused.
     """
     path = Path(path)
     fmt = detect_format(path)
-    if fmt in ("torchscript", "onnx"):
+    if fmt in ("torchscript", "onnx", "exported_program"):
         with load_teacher(
             path, input_shape=input_shape, num_classes=num_classes, sandbox_limits=sandbox_limits
         ) as teacher:
@@ -652,7 +697,9 @@ def inspect_checkpoint(
     num_params = _count_tensor_params(tensors)
     if spec is not None and shape is not None:
         # Enough to rebuild: check the weights against the arch now, not when a job starts.
-        model = _model_from_weights(tensors, spec, shape, classes, meta["preprocessing"], path.name)
+        model = _model_from_weights(
+            tensors, spec, shape, classes, meta["preprocessing"] or preprocessing, path.name
+        )
         num_params, classes = count_params(model), model.num_classes
     info = {
         "format": fmt,
@@ -705,3 +752,77 @@ def load_student(path: str | Path) -> KDModel:
         tensors, meta["spec"], meta["input_shape"], meta["num_classes"], meta["preprocessing"], path.name
     )
     return model.eval()
+
+
+def load_init_weights(
+    model: KDModel, path: str | Path, *, preprocessing: dict | None = None
+) -> dict[str, Any]:
+    """Start `model` from the weights in `path` (safetensors or a `.pt` state dict); what happened, for metrics.
+
+    Names and shapes must match the model's, except its classifier head: a head of another size (another
+    class count) keeps the model's fresh initialisation and `init_head_reinitialised` says so. The
+    normalisation the weights were trained with (the file's own `mean`/`std`, else `preprocessing`) replaces
+    the dataset's, since pretrained features expect their inputs scaled as in pretraining.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt not in ("safetensors", "state_dict"):
+        raise CheckpointError(
+            f"{path.name}: 'init' takes weights (.safetensors or a .pt state dict), not a {fmt} program"
+        )
+    if fmt == "safetensors":
+        tensors, meta = _read_safetensors(path)
+        preprocessing = meta["preprocessing"] or preprocessing
+    else:
+        tensors = _read_state_dict(path)
+    tensors = _library_keys(model, tensors)
+    own_norm = "mean" in tensors and "std" in tensors
+    expected = model.state_dict()
+    head = tuple(model.head_prefixes)
+    in_head = lambda key: key.startswith(head)  # noqa: E731 - a one-line predicate
+    missing = [k for k in expected if k not in tensors and k not in ("mean", "std") and not in_head(k)]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape and not in_head(k)
+    ]
+    if missing or unexpected or wrong:
+        parts = [f"missing {_few(missing)}"] if missing else []
+        parts += [f"unexpected {_few(unexpected)}"] if unexpected else []
+        parts += [f"shapes differ: {_few(wrong, 3)}"] if wrong else []
+        raise CheckpointError(
+            f"{path.name} does not fit the student {model.spec}: {'; '.join(parts)} "
+            f"(the student's keys look like {_few(list(expected), 3)})"
+        )
+    skipped = [
+        k for k in expected if in_head(k) and (k not in tensors or tensors[k].shape != expected[k].shape)
+    ]
+    load = {k: t for k, t in tensors.items() if k not in skipped and k not in ("mean", "std")}
+    for k, t in load.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path.name}: tensor {k} holds NaN or infinite values")
+    with torch.no_grad():
+        model.load_state_dict(load, strict=False)
+        if own_norm and tensors["mean"].shape == model.mean.shape and tensors["std"].shape == model.std.shape:
+            model.mean.copy_(tensors["mean"])
+            model.std.copy_(tensors["std"])
+            norm = "checkpoint"
+        elif preprocessing:
+            from kd_core.models.wrap import norm_buffers
+
+            try:
+                mean, std = norm_buffers(preprocessing, tuple(model.input_shape))
+            except ConfigError as e:
+                raise CheckpointError(f"{path.name}: its preprocessing is invalid: {e}") from None
+            model.mean.copy_(mean)
+            model.std.copy_(std)
+            norm = "checkpoint"
+        else:
+            norm = "dataset"
+    return {
+        "init_from": path.name,
+        "init_loaded_tensors": len(load),
+        "init_head_reinitialised": bool(skipped),
+        "init_preprocessing": norm,
+    }

@@ -141,7 +141,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             arch=config.teacher_arch,
             input_shape=tuple(dataset.input_shape),
             num_classes=dataset.num_classes,
+            preprocessing=config.teacher_preprocessing,
         )
+    if config.init is not None:  # a path, relative to the config file like the teacher's
+        config.init = str(_resolve_file(config.init, "init", base))
     out = Path(args.out)
     with StopFlag().installed() as stop:
         label = config.name or config.kind

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,17 @@ DATA_MODES = ("same", "disjoint")
 PLACEMENTS = ("process", "workers")
 AUGMENTS = ("none", "flip_crop", "noise")
 ARCHS = ("mlp", "cnn", "resnet")
+# Library architectures, built by name (kd_core/models/library.py); the library is imported only then.
+LIBRARY_ARCHS = ("torchvision", "timm")
+KEEPS = ("best", "last")
+METHODS = ("hinton", "dkd", "dist")
+# Each distillation method's options and their defaults: the papers' (DKD: Zhao et al. 2022, CIFAR-100
+# settings; DIST: Huang et al. 2022). `ce_weight` weighs the hard-label term in both papers' totals.
+METHOD_OPTIONS: dict[str, dict[str, float]] = {
+    "hinton": {},
+    "dkd": {"alpha": 1.0, "beta": 8.0, "warmup_epochs": 20.0, "ce_weight": 1.0},
+    "dist": {"beta": 1.0, "gamma": 1.0, "ce_weight": 1.0},
+}
 
 
 @dataclass
@@ -59,6 +73,16 @@ class ExperimentConfig:
     teacher: int | str | None = None
     # Needed only for a teacher file that does not carry its own spec (a bare state dict).
     teacher_arch: dict[str, Any] | None = None
+    # The normalisation a teacher file was trained with outside the model ({"mean": [..], "std": [..]} per
+    # channel; torchvision/timm state dicts usually are); the web app stores it with the checkpoint.
+    teacher_preprocessing: dict[str, Any] | None = None
+    # Weights that start the student (a checkpoint id in the web app, a path in the CLI); a classifier head
+    # of another size is re-initialised. `init_preprocessing`: what those weights were trained with.
+    init: int | str | None = None
+    init_preprocessing: dict[str, Any] | None = None
+    # Data-parallel processes for one `train` job (the codistillation group machinery with one group:
+    # the global batch split across ranks, gradients all-reduced over gloo/NCCL, rank 0 reports).
+    devices: int = 1
     model: dict[str, Any] = field(default_factory=lambda: {"arch": "mlp", "hidden": [64]})
     epochs: int = 30
     # Caps the optimisation steps regardless of epochs (codistillation compares runs at equal steps).
@@ -75,6 +99,12 @@ class ExperimentConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     soft_loss: str = "kl"
+    # The distillation loss (see kd_core/losses.py) and its options (missing ones: the paper's defaults).
+    method: str = "hinton"
+    method_options: dict[str, float] = field(default_factory=dict)
+    logit_standardization: bool = False
+    # Which weights a run exports and reports: the best on the validation split, or the last.
+    keep: str = "best"
     augment: str = "none"
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -155,7 +185,9 @@ def validate_model_spec(spec: Any, key: str = "model") -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ConfigError(f'\'{key}\' must be an object such as {{"arch": "mlp", "hidden": [64]}}')
     arch = spec.get("arch")
-    _choice(f"{key}.arch", arch, ARCHS)
+    _choice(f"{key}.arch", arch, ARCHS + LIBRARY_ARCHS)
+    if arch in LIBRARY_ARCHS:
+        return _validate_library_spec(spec, key)
     allowed = {
         "mlp": {"arch", "hidden", "dropout"},
         "cnn": {"arch", "channels", "hidden", "dropout"},
@@ -188,70 +220,229 @@ def validate_model_spec(spec: Any, key: str = "model") -> dict[str, Any]:
     return dict(spec)
 
 
+def _validate_library_spec(spec: dict[str, Any], key: str) -> dict[str, Any]:
+    # Imported here: kd_core.models imports this module.
+    from kd_core.models.library import check_kwargs, check_name
+
+    unknown = sorted(set(spec) - {"arch", "name", "kwargs"})
+    if unknown:
+        raise ConfigError(f"'{key}' has unknown field(s) for arch {spec['arch']}: {', '.join(unknown)}")
+    kwargs = check_kwargs(spec.get("kwargs"), key)
+    check_name(spec["arch"], spec.get("name"), key)
+    return {"arch": spec["arch"], "name": spec["name"], "kwargs": kwargs}
+
+
+def validate_preprocessing(value: Any, key: str = "preprocessing") -> dict[str, Any]:
+    """A checked {"mean": [..], "std": [..]} (floats); ConfigError in words otherwise."""
+    return _check_preprocessing(value, key)
+
+
+def _check_preprocessing(value: Any, key: str) -> dict[str, Any]:
+    """{"mean": [..], "std": [..]}: finite numbers, std positive (the channel count is checked against data later)."""
+    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
+        raise ConfigError(
+            f"'{key}' must be an object with 'mean' and 'std' lists, one number per input channel"
+        )
+    for part in ("mean", "std"):
+        numbers = value[part]
+        if not isinstance(numbers, list) or not 1 <= len(numbers) <= 4096:
+            raise ConfigError(f"'{key}.{part}' must be a list of numbers, one per input channel")
+        for v in numbers:
+            _check_type(f"{key}.{part}", v, (int, float), "a list of numbers")
+            if v != v or v in (float("inf"), float("-inf")) or (part == "std" and v <= 0):
+                positive = ", all positive" if part == "std" else ""
+                raise ConfigError(f"'{key}.{part}' must hold finite numbers{positive}")
+    return {"mean": [float(v) for v in value["mean"]], "std": [float(v) for v in value["std"]]}
+
+
+class _Problems:
+    """Collects every bad field of a config, so one answer names them all (not one per attempt)."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+
+    @contextmanager
+    def check(self, key: str) -> Iterator[None]:
+        # The message's own quoted key ('model.hidden') is more precise than the one checked here.
+        try:
+            yield
+        except ConfigError as exc:
+            named = re.match(r"'([\w.]+)'", str(exc))
+            self.fields.setdefault(named.group(1) if named else key, str(exc))
+
+    def raise_if_any(self) -> None:
+        if not self.fields:
+            return
+        messages = list(self.fields.values())
+        if len(messages) == 1:
+            raise ConfigError(messages[0], self.fields)
+        raise ConfigError(f"{len(messages)} problems: " + "; ".join(messages), self.fields)
+
+
 def parse_config(data: Any) -> ExperimentConfig:
-    """Turn untrusted JSON into an ExperimentConfig, or raise ConfigError naming the bad field."""
+    """Turn untrusted JSON into an ExperimentConfig, or raise ConfigError naming every bad field.
+
+    The error's `fields` maps each bad key to its message (see `ConfigError`).
+    """
     if not isinstance(data, dict):
         raise ConfigError("the experiment config must be a JSON object")
     _check_known(data, ExperimentConfig, "config")
     values = dict(data)
+    bad = _Problems()
 
-    _choice("kind", values.get("kind", "train"), KINDS)
+    with bad.check("kind"):
+        _choice("kind", values.get("kind", "train"), KINDS)
     if "name" in values:
-        _check_type("name", values["name"], (str,), "a string")
-        problem = name_problem(values["name"], "'name'")
-        if problem:
-            raise ConfigError(problem)
-    if "dataset" not in values:
-        raise ConfigError("'dataset' is required")
-    _check_type("dataset", values["dataset"], (int, str), "a dataset id or name")
-    if values.get("kind") == "distill" and values.get("teacher") is None:
-        raise ConfigError("'teacher' is required for kind 'distill'")
-    if values.get("teacher") is not None:
-        _check_type("teacher", values["teacher"], (int, str), "a checkpoint id or path")
+        with bad.check("name"):
+            _check_type("name", values["name"], (str,), "a string")
+            problem = name_problem(values["name"], "'name'")
+            if problem:
+                raise ConfigError(problem)
+    with bad.check("dataset"):
+        if "dataset" not in values:
+            raise ConfigError("'dataset' is required")
+        _check_type("dataset", values["dataset"], (int, str), "a dataset id or name")
+    with bad.check("teacher"):
+        if values.get("kind") == "distill" and values.get("teacher") is None:
+            raise ConfigError("'teacher' is required for kind 'distill'")
+        if values.get("teacher") is not None:
+            _check_type("teacher", values["teacher"], (int, str), "a checkpoint id or path")
+    for key in ("teacher_preprocessing", "init_preprocessing"):
+        if values.get(key) is not None:
+            with bad.check(key):
+                values[key] = _check_preprocessing(values[key], key)
+    if values.get("init") is not None:
+        with bad.check("init"):
+            _check_type("init", values["init"], (int, str), "a checkpoint id or path")
+            if values.get("kind") == "codistill":
+                raise ConfigError(
+                    "'init' starts a train or distill student; codistill replicas start from scratch"
+                )
+    if "devices" in values:
+        with bad.check("devices"):
+            _check_type("devices", values["devices"], (int,), "an integer")
+            _range("devices", values["devices"], 1, 64)
+            if values["devices"] > 1 and values.get("kind", "train") != "train":
+                raise ConfigError(
+                    "'devices' > 1 runs kind 'train' as data-parallel processes; for distill it is not "
+                    "supported yet (use 1), for codistill set codistill.group_size"
+                )
+            if values["devices"] > 1 and values.get("init") is not None:
+                raise ConfigError("'devices' > 1 cannot start from 'init' yet: use devices 1 with init")
     if values.get("teacher_arch") is not None:
-        values["teacher_arch"] = validate_model_spec(values["teacher_arch"], "teacher_arch")
+        with bad.check("teacher_arch"):
+            values["teacher_arch"] = validate_model_spec(values["teacher_arch"], "teacher_arch")
     if "model" in values:
-        values["model"] = validate_model_spec(values["model"])
-    _check_numbers(values, _NUMBERS)
+        with bad.check("model"):
+            values["model"] = validate_model_spec(values["model"])
+    for key, limits in _NUMBERS.items():
+        with bad.check(key):
+            _check_numbers(values, {key: limits})
     if values.get("max_steps") is not None:
-        _check_type("max_steps", values["max_steps"], (int,), "an integer")
-        _range("max_steps", values["max_steps"], 1, 100_000_000)
+        with bad.check("max_steps"):
+            _check_type("max_steps", values["max_steps"], (int,), "an integer")
+            _range("max_steps", values["max_steps"], 1, 100_000_000)
     if values.get("time_limit_s") is not None:
-        _check_type("time_limit_s", values["time_limit_s"], (int, float), "a number of seconds")
-        _range("time_limit_s", values["time_limit_s"], 1, 10 * 365 * 86400)
-        values["time_limit_s"] = float(values["time_limit_s"])
-    if values.get("val_fraction", 0.1) + values.get("test_fraction", 0.2) >= 0.9:
-        raise ConfigError("'val_fraction' + 'test_fraction' must leave room for training data")
-    _choice("optimizer", values.get("optimizer", "adam"), OPTIMIZERS)
-    _choice("schedule", values.get("schedule", "cosine"), SCHEDULES)
-    _choice("soft_loss", values.get("soft_loss", "kl"), SOFT_LOSSES)
-    _choice("augment", values.get("augment", "none"), AUGMENTS)
+        with bad.check("time_limit_s"):
+            _check_type("time_limit_s", values["time_limit_s"], (int, float), "a number of seconds")
+            _range("time_limit_s", values["time_limit_s"], 1, 10 * 365 * 86400)
+            values["time_limit_s"] = float(values["time_limit_s"])
+    if not {"val_fraction", "test_fraction"} & set(bad.fields):
+        with bad.check("test_fraction"):
+            if values.get("val_fraction", 0.1) + values.get("test_fraction", 0.2) >= 0.9:
+                raise ConfigError("'val_fraction' + 'test_fraction' must leave room for training data")
+    for key, choices, default in (
+        ("optimizer", OPTIMIZERS, "adam"),
+        ("schedule", SCHEDULES, "cosine"),
+        ("soft_loss", SOFT_LOSSES, "kl"),
+        ("augment", AUGMENTS, "none"),
+        ("keep", KEEPS, "best"),
+    ):
+        with bad.check(key):
+            _choice(key, values.get(key, default), choices)
+    _parse_method(values, bad)
     if "data_options" in values:
-        _check_type("data_options", values["data_options"], (dict,), "an object")
-    values["codistill"] = _parse_codistill(values.get("codistill", {}))
+        with bad.check("data_options"):
+            _check_type("data_options", values["data_options"], (dict,), "an object")
+    with bad.check("codistill"):
+        values["codistill"] = _parse_codistill(values.get("codistill", {}), bad)
+    bad.raise_if_any()
     return ExperimentConfig(**values)
 
 
-def _parse_codistill(data: Any) -> CodistillConfig:
+def _parse_method(values: dict[str, Any], bad: _Problems) -> None:
+    """Check method, method_options (known keys, non-negative numbers) and logit_standardization, in place."""
+    method = values.get("method", "hinton")
+    with bad.check("method"):
+        _choice("method", method, METHODS)
+    if "method" in bad.fields:
+        return
+    with bad.check("method_options"):
+        options = values.get("method_options", {})
+        _check_type("method_options", options, (dict,), "an object")
+        known = METHOD_OPTIONS[method]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            allowed = ", ".join(known) or "none"
+            raise ConfigError(
+                f"'method_options' has unknown option(s) for method {method}: {', '.join(unknown)} (allowed: {allowed})"
+            )
+        limits = {
+            k: ((int, float), "a number", 0.0, 100_000.0 if k == "warmup_epochs" else 1000.0) for k in known
+        }
+        options = dict(options)
+        _check_numbers(options, limits, "method_options.")
+        values["method_options"] = options
+    with bad.check("logit_standardization"):
+        flag = values.get("logit_standardization", False)
+        _check_type("logit_standardization", flag, (bool,), "true or false")
+        if flag and method == "dist":
+            raise ConfigError(
+                "'logit_standardization' applies to methods hinton and dkd, not dist (DIST's correlations ignore logit scale already)"
+            )
+    if method == "dist" and "batch_size" not in bad.fields:
+        with bad.check("batch_size"):
+            if values.get("batch_size", 64) < 2:
+                raise ConfigError(
+                    "'batch_size' must be at least 2 for method dist (its intra-class term correlates samples of a batch)"
+                )
+
+
+def _parse_codistill(data: Any, bad: _Problems | None = None) -> CodistillConfig:
     if isinstance(data, CodistillConfig):
         return data
     if not isinstance(data, dict):
         raise ConfigError("'codistill' must be an object")
     _check_known(data, CodistillConfig, "codistill")
+    own = bad is None
+    bad = bad or _Problems()
     values = dict(data)
-    _check_numbers(values, _CODISTILL_NUMBERS, "codistill.")
-    _choice("codistill.loss", data.get("loss", "ce"), CODISTILL_LOSSES)
-    _choice("codistill.exchange", data.get("exchange", "checkpoints"), EXCHANGES)
-    _choice("codistill.data", data.get("data", "same"), DATA_MODES)
-    _choice("codistill.placement", data.get("placement", "process"), PLACEMENTS)
-    spread = data.get("group_size", 1) > 1 or data.get("placement") == "workers"
-    if data.get("exchange") == "predictions" and spread:
-        raise ConfigError(
-            "codistill exchange 'predictions' swaps logits every step inside one process: "
-            "it needs group_size 1 and placement 'process'; use exchange 'checkpoints' otherwise"
-        )
-    if data.get("exchange") == "predictions" and data.get("data") == "disjoint":
-        raise ConfigError(
-            "codistill exchange 'predictions' walks the same batches in lockstep: it needs data 'same'"
-        )
+    for key, limits in _CODISTILL_NUMBERS.items():
+        with bad.check(f"codistill.{key}"):
+            _check_numbers(values, {key: limits}, "codistill.")
+    for key, choices, default in (
+        ("loss", CODISTILL_LOSSES, "ce"),
+        ("exchange", EXCHANGES, "checkpoints"),
+        ("data", DATA_MODES, "same"),
+        ("placement", PLACEMENTS, "process"),
+    ):
+        with bad.check(f"codistill.{key}"):
+            _choice(f"codistill.{key}", data.get(key, default), choices)
+    spread = "codistill.group_size" not in bad.fields and (
+        data.get("group_size", 1) > 1 or data.get("placement") == "workers"
+    )
+    with bad.check("codistill.exchange"):
+        if data.get("exchange") == "predictions" and spread:
+            raise ConfigError(
+                "codistill exchange 'predictions' swaps logits every step inside one process: "
+                "it needs group_size 1 and placement 'process'; use exchange 'checkpoints' otherwise"
+            )
+        if data.get("exchange") == "predictions" and data.get("data") == "disjoint":
+            raise ConfigError(
+                "codistill exchange 'predictions' walks the same batches in lockstep: it needs data 'same'"
+            )
+    if own:
+        bad.raise_if_any()
+    if any(key.startswith("codistill.") for key in bad.fields):
+        return CodistillConfig()  # never used: the caller raises with every problem
     return CodistillConfig(**values)

@@ -6,7 +6,15 @@ class KDError(Exception):
 
 
 class ConfigError(KDError):
-    """An experiment config is malformed (unknown key, wrong type, bad value)."""
+    """An experiment config is malformed (unknown key, wrong type, bad value).
+
+    `fields` maps each bad config key ('epochs', 'codistill.replicas') to its own message, so a form
+    can mark every bad field at once; the message names them all.
+    """
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None):
+        super().__init__(message)
+        self.fields = dict(fields or {})
 
 
 class DatasetError(KDError):

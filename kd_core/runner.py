@@ -7,20 +7,19 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from kd_core.atomic import atomic_write
-from kd_core.cache import TeacherLogitCache
+from kd_core.cache import CachedLogits, TeacherLogitCache
 from kd_core.config import ExperimentConfig
 from kd_core.device import pick_device
 from kd_core.errors import ConfigError, DatasetError
+from kd_core.result import RunResult
 from kd_core.sinks import MetricsSink
-from kd_core.trainer import evaluate, split_tensors, train_model
+from kd_core.trainer import evaluate_split, train_model
 
 if TYPE_CHECKING:
     from kd_core.data import Dataset
@@ -28,16 +27,6 @@ if TYPE_CHECKING:
 # The data split does not follow the training seed: runs with different seeds then compare on the
 # same test set, and a teacher trained here never sees the test set of a later distillation.
 SPLIT_SEED = 0
-
-
-@dataclass
-class RunResult:
-    """What one experiment produced: headline metrics, exported files, whether it was stopped early."""
-
-    metrics: dict[str, Any]
-    files: dict[str, Path | str] = field(default_factory=dict)
-    stopped: bool = False
-    model: nn.Module | None = None
 
 
 class TimeLimit:
@@ -100,6 +89,10 @@ def run_experiment(
     limit = TimeLimit(should_stop, config.time_limit_s)
     should_stop = limit
 
+    if config.kind == "train" and config.devices > 1:
+        parts = (checkpoint_path, checkpoint_every_s, export, limit)
+        return _run_data_parallel(config, dataset, out_dir, sink, should_stop, device, *parts)
+
     if config.kind == "codistill":
         from kd_core.codistill import run_codistill  # imported lazily: most runs never need it
 
@@ -111,9 +104,11 @@ def run_experiment(
             should_stop=should_stop,
             device=device,
             checkpoint_path=checkpoint_path,
+            checkpoint_every_s=checkpoint_every_s,
             export=export,
         )
         result.metrics.setdefault("train_time_s", time.monotonic() - started)
+        result.metrics.setdefault("kept", config.keep)  # each replica's best-on-validation or last weights
         if limit.reached and result.stopped:
             result.metrics["stopped_by"] = "time_limit"
         _write_result(out_dir, config, result)
@@ -122,11 +117,20 @@ def run_experiment(
     if config.kind not in ("train", "distill"):
         raise ConfigError(f"unknown experiment kind {config.kind!r}")
     distill = config.kind == "distill"
+    # A soft-label teacher is a file of predictions (kd_core/soft_labels.py), not a model.
+    soft_labels = bool(getattr(teacher, "soft_labels", False))
     if distill:
         if teacher is None:
             raise ConfigError("kind 'distill' needs a teacher checkpoint")
         from kd_core.checkpoints import check_teacher_fits
 
+        if soft_labels:
+            if config.augment != "none":
+                raise ConfigError(
+                    "a soft-label teacher has predictions for the stored samples only and cannot score "
+                    f"augmented inputs: use augment 'none' (got {config.augment!r})"
+                )
+            teacher.bind(dataset)  # its samples, classes and coverage against this dataset
         check_teacher_fits(teacher, dataset)
         if dataset.num_classes is None:  # an unlabeled transfer set takes the teacher's classes
             dataset = dataset.with_num_classes(int(teacher.num_classes))
@@ -142,32 +146,58 @@ def run_experiment(
     model = build_model(
         config.model, tuple(dataset.input_shape), int(dataset.num_classes), dataset.preprocessing
     )
+    init_metrics: dict[str, Any] = {}
+    if config.init is not None:
+        from kd_core.checkpoints import load_init_weights
 
-    cached: dict[str, torch.Tensor] = {}
-    if distill:
-        # Fixed inputs: the teacher runs once per split, and not again in a later run with the same cache.
-        cache = TeacherLogitCache(cache_dir)
-        splits = ("val", "test") if config.augment != "none" else ("train", "val", "test")
-        for split in splits:
-            x, _ = split_tensors(dataset, split, device)
-            if x.shape[0]:
-                cached[split] = cache.logits(teacher, dataset, split, x)
+        # Pretrained weights (a path here: the web app resolves a checkpoint id to its file first).
+        init_metrics = load_init_weights(model, config.init, preprocessing=config.init_preprocessing)
 
-    outcome = train_model(
-        model,
-        dataset,
-        config,
-        teacher_logits_fn=teacher.logits if distill else None,
-        teacher_logits={k: v for k, v in cached.items() if k != "test"} if distill else None,
-        sink=sink,
-        should_stop=should_stop,
-        device=device,
-        checkpoint_path=checkpoint_path,
-        checkpoint_every_s=checkpoint_every_s,
-    )
+    cached: dict[str, CachedLogits] = {}
+    # No cache_dir: a private temporary directory, removed below.
+    cache = TeacherLogitCache(cache_dir) if distill else None
+    try:
+        if distill:
+            # Fixed inputs: the teacher runs once per split, and not again in a later run with the same cache.
+            from kd_core.data.loader import split_size
 
-    x_test, y_test = split_tensors(dataset, "test", device)
-    test = evaluate(model, x_test, y_test, teacher_logits=cached.get("test"), temperature=config.temperature)
+            splits = ("val", "test") if config.augment != "none" else ("train", "val", "test")
+            for split in splits:
+                if split_size(dataset, split):
+                    cached[split] = cache.split_logits(teacher, dataset, split, device=device)
+
+        outcome = train_model(
+            model,
+            dataset,
+            config,
+            teacher_logits_fn=teacher.logits if distill else None,
+            teacher_logits={k: v for k, v in cached.items() if k != "test"} if distill else None,
+            sink=sink,
+            should_stop=should_stop,
+            device=device,
+            checkpoint_path=checkpoint_path,
+            checkpoint_every_s=checkpoint_every_s,
+            partial_teacher=soft_labels,
+        )
+        test = evaluate_split(
+            model, dataset, "test", device=device, teacher_logits=cached.get("test"),
+            temperature=config.temperature, partial_teacher=soft_labels,
+        )  # fmt: skip
+        teacher_val = (
+            evaluate_split(
+                model,
+                dataset,
+                "val",
+                device=device,
+                teacher_logits=cached["val"],
+                partial_teacher=soft_labels,
+            )
+            if distill and "teacher_acc" not in test and "val" in cached
+            else {}
+        )
+    finally:
+        if cache is not None:
+            cache.close()
     stats = model_stats(model)
     metrics: dict[str, Any] = {
         "val_acc": outcome.best.get("val_acc"),
@@ -180,26 +210,35 @@ def run_experiment(
         "steps": outcome.steps,
         "epochs": outcome.epochs,
         "best_epoch": outcome.best.get("epoch"),
+        "kept": config.keep,  # which weights these figures and the exports are: "best" or "last"
         "train_time_s": outcome.train_time_s,
         "samples_per_s": outcome.samples_per_s,
         "device": str(device),
+        **init_metrics,
     }
     if distill:
-        metrics |= _teacher_metrics(teacher, dataset, cached, device, stats)
+        metrics |= _teacher_metrics(teacher, dataset, test, teacher_val, stats)
         metrics["val_agreement"] = outcome.best.get("val_agreement")
         metrics["test_agreement"] = test.get("agreement")
+        # Fidelity next to accuracy (Stanton et al. 2021): mean KL(teacher || student) at T = 1.
+        metrics["val_kl_to_teacher"] = outcome.best.get("val_kl_to_teacher")
+        metrics["test_kl_to_teacher"] = test.get("kl_to_teacher")
+        metrics["method"] = config.method
+        if soft_labels:
+            metrics["teacher_coverage"] = teacher.coverage  # of the train split; uncovered: labels only
+            metrics["test_teacher_coverage"] = test.get("teacher_coverage", 1.0 if "agreement" in test else 0)
 
     files: dict[str, Path | str] = {}
     if export:
+        from kd_core.data.loader import sample_inputs
         from kd_core.export import export_model
 
-        x_sample = x_test if x_test.shape[0] else split_tensors(dataset, "train", device)[0]
         files = export_model(
             model,
             out_dir,
             basename="student",
             class_names=list(dataset.class_names),
-            sample_inputs=x_sample[:16].cpu(),
+            sample_inputs=sample_inputs(dataset, 16),
             extra_metadata={"experiment": {"kind": config.kind, "name": config.name, "seed": config.seed}},
         )
     result = RunResult(metrics=metrics, files=files, stopped=outcome.stopped, model=model)
@@ -211,15 +250,60 @@ def run_experiment(
     return result
 
 
+def _run_data_parallel(
+    config: ExperimentConfig,
+    dataset: Any,
+    out_dir: Path,
+    sink: MetricsSink,
+    should_stop: Callable[[], bool],
+    device: torch.device,
+    checkpoint_path: str | Path | None,
+    checkpoint_every_s: float,
+    export: bool,
+    limit: TimeLimit,
+) -> RunResult:
+    """`devices: N` for a train job: one codistillation group of N synchronous workers and no other group.
+
+    The group machinery already splits each global batch across ranks, all-reduces gradients (gloo on CPU,
+    NCCL on CUDA), reports from rank 0, checkpoints and resumes as one: a second mechanism would only drift.
+    """
+    import dataclasses
+
+    from kd_core.codistill import run_codistill
+    from kd_core.config import CodistillConfig
+
+    one_group = CodistillConfig(replicas=1, group_size=config.devices, burn_in_steps=0)
+    # devices 1 inside: each rank is one of the group's processes (they parse this config again).
+    group = dataclasses.replace(config, kind="codistill", codistill=one_group, devices=1)
+    started = time.monotonic()
+    result = run_codistill(
+        group, dataset, out_dir=out_dir, sink=sink, should_stop=should_stop, device=device,
+        checkpoint_path=checkpoint_path, checkpoint_every_s=checkpoint_every_s, export=export,
+    )  # fmt: skip
+    # One model: the experiment's files only (the group's replica0.* copies are the same weights).
+    result.files = {k: v for k, v in result.files.items() if not k.startswith("replica")}
+    for key in [k for k in result.metrics if k.startswith("replica") or k == "best_replica"]:
+        del result.metrics[key]
+    result.metrics.setdefault("train_time_s", time.monotonic() - started)
+    result.metrics["devices"] = config.devices
+    for key in ("student_params", "student_size_bytes"):  # combined as floats across groups
+        if isinstance(result.metrics.get(key), float) and result.metrics[key].is_integer():
+            result.metrics[key] = int(result.metrics[key])
+    if limit.reached and result.stopped:
+        result.metrics["stopped_by"] = "time_limit"
+    _write_result(out_dir, config, result)
+    return result
+
+
 def _teacher_metrics(
-    teacher: Any, dataset: Any, cached: dict[str, torch.Tensor], device: torch.device, student: dict[str, Any]
+    teacher: Any, dataset: Any, test: dict[str, float], val: dict[str, float], student: dict[str, Any]
 ) -> dict[str, Any]:
-    """Teacher accuracy (test split, else val), size and CPU latency, and the ratios to the student."""
+    """Teacher accuracy (test split, else val; measured from its cached logits), size and CPU latency,
+    and the ratios to the student."""
     out: dict[str, Any] = {}
-    for split in ("test", "val"):
-        _, y = split_tensors(dataset, split, device)
-        if split in cached and y is not None and y.shape[0]:
-            out["teacher_acc"] = float((cached[split].argmax(dim=1) == y).float().mean())
+    for split, metrics in (("test", test), ("val", val)):
+        if "teacher_acc" in metrics:
+            out["teacher_acc"] = metrics["teacher_acc"]
             out["teacher_acc_split"] = split
             break
     params = teacher.num_params

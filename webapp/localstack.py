@@ -92,7 +92,7 @@ def ensure_demo_content(state_dir: Path) -> tuple[str, str]:
     from django.db import close_old_connections
 
     from kd_core.data.builtin import load_builtin
-    from webapp.studio import services
+    from webapp.studio import services, stores
     from webapp.studio.models import Checkpoint, Dataset, Experiment
 
     username, password = _demo_login(state_dir)
@@ -103,8 +103,11 @@ def ensure_demo_content(state_dir: Path) -> tuple[str, str]:
         user.save()
 
     dataset = Dataset.objects.filter(owner=user, name=DEMO_DATASET).first()
-    if dataset is not None and not (dataset.file and dataset.file.storage.exists(dataset.file.name)):
-        dataset.delete()  # its file is gone (a cleared media folder): make it again
+    if dataset is not None and not (
+        stores.store_exists(dataset.store)
+        or (dataset.file and dataset.file.storage.exists(dataset.file.name))
+    ):
+        dataset.delete()  # its store (or file) is gone (a cleared media folder): make it again
         dataset = None
     if dataset is None:
         # A real uploaded-style NPZ file, stored and inspected the way an upload is.

@@ -116,9 +116,25 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
     raise EnvError(f"environment variable REDIS_URL must be a redis:// URL; got {REDIS_URL!r}")
 
-# "memory" serves a single process only (a quick demo without Redis); workers need "redis".
-_channel_layer = env_str("KD_CHANNEL_LAYER", "redis", choices=("redis", "memory"))
-if _channel_layer == "redis":
+# The metrics sink (workers/sink.py) writes and announces its buffer this often: live latency vs rows per insert.
+KD_SINK_FLUSH_MS = env_int("KD_SINK_FLUSH_MS", 150, minimum=20, maximum=10_000)
+# Unsent metric values one live socket may hold before it is closed as too slow (webapp/studio/consumers.py).
+KD_WS_MAX_BACKLOG_VALUES = env_int("KD_WS_MAX_BACKLOG_VALUES", 50_000, minimum=100)
+# ... or whose send has waited this many seconds on a full buffer while more messages arrive.
+KD_WS_SEND_STALL_S = env_int("KD_WS_SEND_STALL_S", 10, minimum=1)
+
+# "memory" serves a single process only (a quick demo without Redis); workers need "redis" or "pubsub".
+# "pubsub" publishes a group message once per web process, which fans it out to its sockets itself; "redis"
+# copies it into every member channel (one Redis round trip per socket). bench/bench_fleet.py compares them.
+_channel_layer = env_str("KD_CHANNEL_LAYER", "pubsub", choices=("redis", "pubsub", "memory"))
+if _channel_layer == "pubsub":
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}]},
+        }
+    }
+elif _channel_layer == "redis":
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -256,6 +272,17 @@ KD_MAX_SWEEP_SIZE = env_int("KD_MAX_SWEEP_SIZE", 64, minimum=1, maximum=10_000)
 # Bytes of datasets, checkpoints and experiment files per user; an upload past it is refused (413).
 # 0 turns the quota off.
 KD_STORAGE_QUOTA_BYTES = env_int("KD_STORAGE_QUOTA_BYTES", 50 * 1024**3, minimum=0)
+# --- datasets: the store, ingestion, import without upload -------------------------------------
+# Uploads up to this size are ingested into their store in the request (201, ready); larger ones and every
+# import are ingested by a worker on the default queue (202, "ingesting" with progress). Unset: the lower
+# of 16 MiB and KD_SYNC_INSPECT_MAX_BYTES (webapp/studio/services.py).
+KD_SYNC_INGEST_MAX_BYTES = env_int("KD_SYNC_INGEST_MAX_BYTES", -1, minimum=-1)
+# A folder on the server (readable by the web app and the workers) whose files and folders users may import
+# in place with {"import_path": ...}; empty turns importing off.
+KD_IMPORT_ROOT = env_str("KD_IMPORT_ROOT", "")
+# An ingesting dataset whose worker gave no sign of life for this long is restarted (or failed after
+# KD_MAX_ATTEMPTS tries) by workers.cleanup.
+KD_INGEST_STALE_S = env_int("KD_INGEST_STALE_S", 300, minimum=30)
 # Points per metric series of one experiment: a smaller log_every is raised to stay under it, and
 # (validation logging once an epoch) more epochs are refused. The default is the config's epoch cap.
 KD_MAX_POINTS_PER_SERIES = env_int("KD_MAX_POINTS_PER_SERIES", 100_000, minimum=100)

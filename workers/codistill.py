@@ -162,7 +162,7 @@ class GroupReporter:
         self.sink.log(step, values)
 
     def status(self, progress: float, eta_s: float | None) -> None:
-        from kd_core.codistill_group import group_status
+        from kd_core.codistill import group_status
 
         self.check()
         self.state["progress"], self.state["eta_s"] = float(progress), eta_s
@@ -201,8 +201,7 @@ def _group_state(folder: Path, g: int, stale_s: float) -> tuple[str, dict[str, A
 
 def run_group(experiment_id: int, group: int, *, hostname: str = "") -> str:
     """Train group `group` of a spread codistillation; the last group to finish completes the experiment."""
-    from kd_core.codistill_exchange import FileExchange
-    from kd_core.codistill_group import run_codistill_group
+    from kd_core.codistill import FileExchange, run_codistill_group
     from kd_core.device import pick_device
     from webapp.studio.models import Experiment
     from workers.records import (
@@ -377,7 +376,7 @@ def settle_abandoned() -> list[int]:
 def _combine_if_last(exp: Any, folder: Path) -> str:
     from django.utils import timezone
 
-    from kd_core.codistill_group import combine_group_results
+    from kd_core.codistill import combine_group_results
     from webapp.studio.models import Experiment
     from webapp.studio.services import register_trained_model
     from workers.records import finish, human_error, json_metrics, resolve_inputs, save_artifacts

@@ -43,6 +43,7 @@ def inspect_checkpoint(checkpoint_id: int) -> str:
                 arch=row.arch,
                 input_shape=tuple(dataset.input_shape) if dataset and dataset.input_shape else None,
                 num_classes=dataset.num_classes if dataset else None,
+                preprocessing=row.preprocessing,
             )
     except CheckpointError as exc:
         services.fail_checkpoint_inspection(

@@ -21,7 +21,6 @@ Torch (and with it CUDA) is imported inside `run` only: the Celery parent proces
 
 from __future__ import annotations
 
-import datetime
 import inspect
 import logging
 import os
@@ -29,12 +28,13 @@ import shutil
 import socket
 import time
 import uuid
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from django.db import close_old_connections
 from django.utils import timezone
 
+from workers import search
 from workers.records import (
     Lease,
     LeaseLost,
@@ -146,6 +146,7 @@ def _train(exp: Any, device: Any, lease: Lease, timings: dict[str, Any]) -> str:
     folder = job_dir(exp.pk)
     sink = DbChannelSink(exp.pk, lease=lease)
     stop = StopSignal(exp.pk, lease=lease, budget_s=time_budget_s(exp.config, lease.running_before_s))
+    sink, stop = search.wrap(exp, sink, stop)  # a search trial reports val_acc to its pruner
     abandoned = "abandoned: another delivery took the job over"
     try:
         result = _execute(exp, folder, device, sink, stop, timings, lease)
@@ -171,6 +172,9 @@ def _train(exp: Any, device: Any, lease: Lease, timings: dict[str, Any]) -> str:
     metrics = json_metrics(result.metrics)
     if _time_limited(stop, result):
         metrics["stopped_by"] = "time_limit"  # it keeps what it trained: a result, not a cancellation
+        status, done = Experiment.SUCCEEDED, {}
+    elif getattr(stop, "pruned", False):
+        metrics["stopped_by"] = "pruned"  # a search trial its pruner stopped: a result at fewer epochs
         status, done = Experiment.SUCCEEDED, {}
     elif result.stopped:
         status, done = Experiment.CANCELLED, {}  # a cancelled job keeps how far it got
@@ -204,6 +208,7 @@ def _execute(
         log.info("experiment %s: attempt %s resumes from %s", exp.pk, exp.attempts, checkpoint)
     every_s, settable = checkpoint_interval()
     extra: dict[str, Any] = {"checkpoint_every_s": every_s} if settable else {}
+    extra |= search.run_options(exp)  # a search trial exports only if it lands on the front (after_run)
     try:
         result = run_experiment(
             config, dataset=dataset, teacher=teacher, out_dir=out_dir, sink=sink, should_stop=stop,
@@ -212,6 +217,7 @@ def _execute(
     finally:
         sink.close()
     timings["run"] = time.monotonic() - t0
+    result = search.after_run(exp, result, dataset, out_dir, stop)
 
     # Confirm (and extend) the lease in the database before replacing anything stored.
     lease.renew()
@@ -248,55 +254,14 @@ def requeue_orphans(hostname: str) -> list[int]:
     return requeued
 
 
-def inspect_upload(dataset_id: int) -> str:
-    """Inspect an "inspecting" dataset row's file with kd_core and record the answer or the reason."""
-    from kd_core.data import inspect_dataset
-    from kd_core.errors import DatasetError
-    from webapp.studio import services
-    from webapp.studio.models import Dataset
-    from webapp.studio.storage import local_path
-
-    dataset = Dataset.objects.filter(pk=dataset_id, status=Dataset.INSPECTING).first()
-    if dataset is None:
-        return "gone"  # deleted meanwhile, or already settled
-    file_name = dataset.file.name
-    shown = PurePath(file_name).name
-    try:
-        with local_path(dataset.file) as path:
-            inspection = inspect_dataset(str(path), options=dataset.options or {})
-    except DatasetError as exc:
-        services.fail_inspection(dataset_id, file_name, services.refusal_message(shown, shown, exc))
-        return "failed"
-    except Exception as exc:  # noqa: BLE001 - the row must settle whatever went wrong
-        log.exception("inspecting dataset %s failed", dataset_id)
-        services.fail_inspection(dataset_id, file_name, f"{shown}: inspection failed ({type(exc).__name__})")
-        return "failed"
-    return "ready" if services.finish_inspection(dataset_id, inspection) else "gone"
-
-
-# A row still "inspecting" after this long lost its worker (the task is acknowledged on receipt).
-STALE_INSPECTION_S = 3600.0
-
-
-def fail_stale_inspections(max_age_s: float = STALE_INSPECTION_S) -> int:
-    """Fail dataset rows left inspecting longer than `max_age_s` and delete their files."""
-    from webapp.studio import services
-    from webapp.studio.models import Dataset
-
-    cutoff = timezone.now() - datetime.timedelta(seconds=max_age_s)
-    stale = Dataset.objects.filter(status=Dataset.INSPECTING, created__lt=cutoff).values_list("pk", "file")
-    reason = "inspection did not finish (the worker stopped); upload the file again"
-    return sum(services.fail_inspection(pk, name, reason) for pk, name in stale)
-
-
 def cleanup(max_age_s: float = 24 * 3600) -> int:
     """Remove job folders of finished or deleted experiments left longer than `max_age_s`; returns the count.
 
-    Also fails dataset rows left inspecting (their worker died) and counts them.
+    Dataset ingests whose worker stopped are handled by workers/ingest.py (`sweep_stale`).
     """
     from webapp.studio.models import Experiment
 
-    removed = fail_stale_inspections()
+    removed = 0
     root = state_dir() / "jobs"
     if not root.is_dir():
         return removed

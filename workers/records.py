@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 # How often the stop signal may read the cancel flag: a query per training step would be wasteful.
 CANCEL_POLL_S = 0.5
-EXPORT_KINDS = ("safetensors", "torchscript", "onnx")
-_REPLICA_KEY = re.compile(r"^replica(\d+)\.(safetensors|torchscript|onnx)$")
+EXPORT_KINDS = ("safetensors", "torchscript", "onnx", "exported_program")
+_REPLICA_KEY = re.compile(r"^replica(\d+)\.(safetensors|torchscript|onnx|exported_program)$")
 
 
 # --- folders and inputs -------------------------------------------------------------------------------------
@@ -77,7 +77,15 @@ def resolve_inputs(exp: Any, folder: Path) -> tuple[Any, Any, Any]:
         raise DatasetError("the experiment's dataset was deleted")
     config = parse_config(exp.config)
     inputs = folder / "inputs"
-    if exp.dataset.file:
+    if exp.dataset.status != "ready":
+        raise DatasetError(f"dataset {exp.dataset.pk} is {exp.dataset.status}, not ready")
+    if exp.dataset.store:
+        from webapp.studio.stores import local_store
+
+        # The store directory itself on local storage; on remote storage a copy cached per store, shared
+        # by every job on this machine (a finished store never changes).
+        config.dataset = str(local_store(exp.dataset.store, state_dir() / "stores"))
+    elif exp.dataset.file:  # a dataset ready before the store existed: read from its upload
         config.dataset = str(local_file(exp.dataset.file, inputs, "dataset"))
     else:
         config.dataset = exp.dataset.name  # a built-in dataset, by name
@@ -91,7 +99,17 @@ def resolve_inputs(exp: Any, folder: Path) -> tuple[Any, Any, Any]:
         teacher = load_teacher(
             config.teacher, arch=config.teacher_arch or exp.teacher.arch, input_shape=tuple(dataset.input_shape),
             num_classes=dataset.num_classes,
+            preprocessing=config.teacher_preprocessing or exp.teacher.preprocessing,
         )  # fmt: skip
+    if config.init is not None:
+        from webapp.studio.models import Checkpoint
+
+        # The id was checked against the owner when the experiment was created; check again (it may be gone).
+        row = Checkpoint.objects.filter(pk=config.init, owner_id=exp.owner_id).first()
+        if row is None:
+            raise CheckpointError(f"the init checkpoint {config.init} was deleted")
+        config.init_preprocessing = config.init_preprocessing or row.preprocessing
+        config.init = str(local_file(row.file, inputs, "init"))
     return config, dataset, teacher
 
 

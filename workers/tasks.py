@@ -15,9 +15,20 @@ log = logging.getLogger(__name__)
 )
 def run_experiment(self, experiment_id: int) -> str:
     """Run one experiment to its end; a worker that dies mid-job leaves the message to be redelivered."""
-    from workers import jobs
+    from workers import jobs, search
 
-    return jobs.run(int(experiment_id), task_id=self.request.id, hostname=self.request.hostname or "")
+    try:
+        return jobs.run(int(experiment_id), task_id=self.request.id, hostname=self.request.hostname or "")
+    finally:
+        search.after_job(int(experiment_id))  # a search trial: settle it, advance its search
+
+
+@shared_task(name="workers.advance_search", ignore_result=True, acks_late=False)
+def advance_search(search_id: int) -> str:
+    """Ask a search's study for its next trials (or finish it); one advance per search at a time."""
+    from workers import search
+
+    return search.advance(int(search_id))
 
 
 @shared_task(
@@ -34,16 +45,25 @@ def run_codistill_group(self, experiment_id: int, group: int) -> str:
     return codistill.run_group(int(experiment_id), int(group), hostname=self.request.hostname or "")
 
 
-@shared_task(name="workers.inspect_upload", ignore_result=True, acks_late=False)
-def inspect_upload(dataset_id: int) -> str:
-    """Inspect a large uploaded dataset; the row becomes "ready" or "failed" (see workers/jobs.py).
+@shared_task(name="workers.ingest_dataset", ignore_result=True, acks_late=False)
+def ingest_dataset(dataset_id: int) -> str:
+    """Ingest an uploaded or imported dataset into its store; the row becomes "ready" or "failed".
 
     Acknowledged on receipt: a file that kills its worker (out of memory) must not be redelivered
-    forever; `cleanup` fails rows left inspecting.
+    forever; `cleanup` restarts a row whose ingest stopped, a few times at most (see workers/ingest.py).
+    A duplicate message finds the row claimed and leaves it alone.
     """
-    from workers import jobs
+    from workers import ingest
 
-    return jobs.inspect_upload(int(dataset_id))
+    return ingest.run(int(dataset_id))
+
+
+@shared_task(name="workers.inspect_upload", ignore_result=True, acks_late=False)
+def inspect_upload(dataset_id: int) -> str:
+    """The name of ingest_dataset before the dataset store: messages queued by an older version."""
+    from workers import ingest
+
+    return ingest.run(int(dataset_id))
 
 
 @shared_task(name="workers.inspect_checkpoint", ignore_result=True, acks_late=False)
@@ -61,11 +81,17 @@ def inspect_checkpoint(checkpoint_id: int) -> str:
 def cleanup(max_age_hours: float = 24.0) -> int:
     """Remove state folders of finished experiments and stale temp downloads; returns how many went.
 
-    Also fails checkpoint rows left inspecting (their worker died).
+    Also fails checkpoint rows left inspecting (their worker died) and restarts or fails dataset ingests
+    whose worker stopped.
     """
-    from workers import inspection, jobs
+    from workers import ingest, inspection, jobs, search
 
-    return jobs.cleanup(max_age_s=max_age_hours * 3600) + inspection.fail_stale_inspections()
+    return (
+        jobs.cleanup(max_age_s=max_age_hours * 3600)
+        + inspection.fail_stale_inspections()
+        + ingest.sweep_stale()
+        + search.sweep()
+    )
 
 
 @shared_task(name="workers.codistill_watchdog", ignore_result=True, acks_late=False)

@@ -23,7 +23,7 @@ def live_stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     """A running stack (DB, Redis, one Celery worker, uvicorn) shared by the whole session."""
     if not (ROOT / "manage.py").exists():
         pytest.skip("the web app (manage.py) is not there yet")
-    # Uploads above 1 MiB are inspected by the worker (workers.inspect_upload), so a test can reach
+    # Uploads above 1 MiB are ingested by the worker (workers.ingest_dataset), so a test can reach
     # that path with a small file; the demo files the other tests upload stay below it.
     stack = start_stack(tmp_path_factory.mktemp("stack"), extra_env={"KD_SYNC_INSPECT_MAX_BYTES": "1048576"})
     yield stack

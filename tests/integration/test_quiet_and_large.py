@@ -1,4 +1,4 @@
-"""On a real stack: a quiet experiment socket stays open; a large upload is inspected by the worker."""
+"""On a real stack: a quiet experiment socket stays open; a large upload is ingested by the worker."""
 
 from __future__ import annotations
 
@@ -30,15 +30,15 @@ def _settle(api: Api, dataset_id: int, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         body = api.get(f"/api/datasets/{dataset_id}/")
-        if body["status"] != "inspecting":
+        if body["status"] != "ingesting":
             return body
-        assert time.monotonic() < deadline, f"dataset {dataset_id} still inspecting after {timeout}s"
+        assert time.monotonic() < deadline, f"dataset {dataset_id} still ingesting after {timeout}s"
         time.sleep(0.2)
 
 
 def test_large_upload_is_inspected_by_the_worker(api: Api, tmp_path: Path) -> None:
     body = api.upload("/api/datasets/", {"name": "large"}, _large_npz(tmp_path / "large.npz"))
-    assert body["status"] == "inspecting" and body["num_samples"] is None
+    assert body["status"] == "ingesting" and body["num_samples"] is None
     ready = _settle(api, body["id"])
     assert ready["status"] == "ready" and ready["error"] is None, ready
     assert ready["num_samples"] == 4000 and ready["num_classes"] == 5 and ready["input_shape"] == [100]

@@ -31,7 +31,12 @@ from webapp.studio.models import Artifact, Checkpoint, Dataset, Experiment, Metr
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_FORMATS = {"safetensors": "safetensors", "torchscript": "ts", "onnx": "onnx"}
+DOWNLOAD_FORMATS = {
+    "safetensors": "safetensors",
+    "torchscript": "ts",
+    "onnx": "onnx",
+    "exported_program": "pt2",
+}
 HEADLINE_METRICS = ("val_acc", "test_acc", "student_params", "teacher_acc", "best_replica")
 MAX_COMPARE = 20
 
@@ -61,6 +66,9 @@ def dataset_json(d: Dataset, detail: bool = False) -> dict[str, Any]:
         "is_image": info.get("is_image"),
         "size": d.size,
         "options": d.options,
+        # Fraction ingested while "ingesting"; 1 once ready.
+        "progress": 1.0 if d.status == Dataset.READY else round(d.progress, 4),
+        "import_path": d.import_path or None,
         "created": _time(d.created),
     }
     if detail:
@@ -80,9 +88,11 @@ def checkpoint_json(c: Checkpoint) -> dict[str, Any]:
         "num_classes": c.num_classes,
         "class_names": c.class_names,
         "arch": c.arch,
+        "preprocessing": c.preprocessing,
         "role": c.role,
         "source_experiment": c.source_experiment_id,
         "dataset": c.dataset_id,
+        "coverage": c.coverage,  # soft labels: fraction of the dataset's train samples with a prediction
         "size": c.size,
         "status": c.status,
         "error": c.error,
@@ -203,20 +213,39 @@ def datasets(request: HttpRequest) -> HttpResponse:
     if request.method == "GET":
         rows = Dataset.objects.filter(owner=request.user)
         return JsonResponse({"datasets": [dataset_json(d) for d in rows]})
+    if request.content_type == "application/json":
+        body = json_body(request)
+        if "import_path" not in body:
+            raise ApiError(
+                "send multipart/form-data with a 'file' field to upload, or JSON with 'import_path' to import "
+                "a file or folder under the server's import root"
+            )
+        options = _dataset_options(body.get("label_column"), body.get("image_size"))
+        dataset = services.import_dataset(request.user, body.get("name"), body["import_path"], options)
+        return JsonResponse(dataset_json(dataset, detail=True), status=202)
     upload = _upload(request)
-    options = {}
-    label_column = request.POST.get("label_column", "").strip()
-    if label_column:
-        options["label_column"] = label_column
-    image_size = request.POST.get("image_size", "").strip()
-    if image_size:
-        if not _positive_int(image_size):
-            raise ApiError(f"'image_size' must be a positive integer; got {image_size!r}")
-        options["image_size"] = int(image_size)
+    options = _dataset_options(request.POST.get("label_column"), request.POST.get("image_size"))
     dataset = services.create_dataset(request.user, upload, request.POST.get("name"), options)
-    # 202: a large file is inspected by a worker; GET shows the row "ready" or "failed" later.
-    status = 202 if dataset.status == Dataset.INSPECTING else 201
+    # 202: a large file is ingested by a worker; GET shows the row "ready" or "failed" later.
+    status = 202 if dataset.status == Dataset.INGESTING else 201
     return JsonResponse(dataset_json(dataset, detail=True), status=status)
+
+
+def _dataset_options(label_column: Any, image_size: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if label_column is not None and not isinstance(label_column, str):
+        raise ApiError("'label_column' must be a string")
+    if label_column and label_column.strip():
+        options["label_column"] = label_column.strip()
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = str(image_size)
+    if image_size is not None and not isinstance(image_size, str):
+        raise ApiError(f"'image_size' must be a positive integer; got {image_size!r}")
+    if image_size and image_size.strip():
+        if not _positive_int(image_size.strip()):
+            raise ApiError(f"'image_size' must be a positive integer; got {image_size!r}")
+        options["image_size"] = int(image_size.strip())
+    return options
 
 
 @api_view(["GET", "DELETE"])
@@ -226,6 +255,24 @@ def dataset_detail(request: HttpRequest, pk: int) -> HttpResponse:
         services.delete_dataset(dataset)
         return HttpResponse(status=204)
     return JsonResponse(dataset_json(dataset, detail=True))
+
+
+@api_view(["GET"])
+def dataset_index(request: HttpRequest, pk: int) -> HttpResponse:
+    """One CSV row per sample (index,split,label,source), streamed from the store."""
+    from webapp.studio import dataset_index as index
+
+    dataset = get_object_or_404(Dataset, pk=pk, owner=request.user)
+    fmt = request.GET.get("format", "csv")
+    if fmt != "csv":
+        raise ApiError(f"'format' must be csv; got {fmt!r}")
+    chunks = index.csv_chunks(dataset)  # 409 before the first byte when there is no store to read
+    response = StreamingHttpResponse(
+        _async_chunks(chunks) if isinstance(request, ASGIRequest) else chunks,
+        content_type="text/csv; charset=utf-8",
+    )
+    response["Content-Disposition"] = f'attachment; filename="{_slug(dataset.name)}-{dataset.pk}-index.csv"'
+    return response
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -264,7 +311,21 @@ def checkpoints(request: HttpRequest) -> HttpResponse:
             raise ApiError(
                 f"dataset {raw_dataset} is not ready ({dataset.status}); its shape is not known yet"
             )
-    checkpoint = services.create_checkpoint(request.user, upload, request.POST.get("name"), arch, dataset)
+    if upload.name.lower().endswith(".npz"):  # soft labels: predictions for one dataset's samples
+        from webapp.studio.soft_labels import create_soft_label_checkpoint
+
+        checkpoint = create_soft_label_checkpoint(request.user, upload, request.POST.get("name"), dataset)
+        return JsonResponse(checkpoint_json(checkpoint), status=201)
+    preprocessing = None
+    raw_preprocessing = request.POST.get("preprocessing", "").strip()
+    if raw_preprocessing:
+        try:
+            preprocessing = json.loads(raw_preprocessing)
+        except ValueError as exc:
+            raise ApiError(f"'preprocessing' is not valid JSON: {exc}") from None
+    checkpoint = services.create_checkpoint(
+        request.user, upload, request.POST.get("name"), arch, dataset, preprocessing=preprocessing
+    )
     # 202: a large file is inspected by a worker (in the sandbox); GET shows it "ready" or "failed" later.
     status = 202 if checkpoint.status == Checkpoint.INSPECTING else 201
     return JsonResponse(checkpoint_json(checkpoint), status=status)
@@ -558,6 +619,35 @@ def _check_health() -> tuple[dict[str, Any], int]:
         body["error"] = f"unhealthy: {', '.join(failed)}"
         return body, 503
     return body, 200
+
+
+@api_view(["GET"])
+def architectures(request: HttpRequest) -> HttpResponse:
+    """Student architectures for one of the user's datasets: the zoo and torchvision/timm models matching `q`,
+    with parameters at its input size (and CPU latency with `latency=1`, at most 10 models then)."""
+    from kd_core.models.library import describe_architectures
+
+    dataset_id = _int_param(request, "dataset", None, 1, MAX_ID)
+    if dataset_id is None:
+        raise ApiError("'dataset' is required: the id of one of your datasets (shapes come from it)")
+    dataset = get_object_or_404(Dataset, pk=dataset_id, owner=request.user)
+    if dataset.status != Dataset.READY or not dataset.input_shape:
+        raise ApiError(f"dataset {dataset.pk} is {dataset.status}; its input shape is not known yet")
+    arch = request.GET.get("library") or None
+    if arch not in (None, "zoo", "torchvision", "timm"):
+        raise ApiError(f"'library' must be zoo, torchvision or timm; got {arch!r}")
+    latency = request.GET.get("latency") in ("1", "true")
+    limit = _int_param(request, "limit", 10 if latency else 20, 1, 10 if latency else 200)
+    query = request.GET.get("q", "")[:100]
+    body = describe_architectures(
+        tuple(dataset.input_shape),
+        int(dataset.num_classes or 2),
+        query=query,
+        arch=arch,
+        limit=limit,
+        latency=latency,
+    )
+    return JsonResponse(body)
 
 
 def not_found(request: HttpRequest, path: str = "") -> JsonResponse:

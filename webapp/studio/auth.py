@@ -25,16 +25,20 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """Raised anywhere below a view to answer `{"error": message}` with `status`."""
+    """Raised anywhere below a view to answer `{"error": message}` with `status`.
 
-    def __init__(self, message: str, status: int = 400):
+    `fields` (config key -> message) adds `"fields"` to the answer, so a form marks every bad field.
+    """
+
+    def __init__(self, message: str, status: int = 400, fields: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.fields = dict(fields or {})
 
 
-def error(message: str, status: int = 400) -> JsonResponse:
-    return JsonResponse({"error": message}, status=status)
+def error(message: str, status: int = 400, fields: dict[str, str] | None = None) -> JsonResponse:
+    return JsonResponse({"error": message, "fields": fields} if fields else {"error": message}, status=status)
 
 
 def token_from_header(value: str | None) -> str | None:
@@ -92,7 +96,7 @@ def api_view(methods: list[str] | tuple[str, ...]) -> Callable:
             try:
                 return view(request, *args, **kwargs)
             except ApiError as exc:
-                return error(exc.message, exc.status)
+                return error(exc.message, exc.status, exc.fields)
             except Http404 as exc:
                 return error(str(exc) or "not found", 404)
             except RequestDataTooBig:

@@ -35,29 +35,43 @@ def artifact_upload_to(instance: Artifact, filename: str) -> str:
 
 
 class Dataset(models.Model):
-    """An uploaded dataset file (or a built-in one, by name) with what inspecting it found."""
+    """A dataset: an upload or an import ingested into a store (kd_core.data.store), or a built-in by name."""
 
     FORMATS = [
         ("npz", "NPZ arrays"),
         ("csv", "CSV table"),
         ("zip", "ZIP of class folders"),
+        ("folder", "folder of class folders"),
         ("builtin", "built-in"),
     ]
-    INSPECTING, READY, FAILED = "inspecting", "ready", "failed"
-    # Large uploads are "inspecting" until a worker has read them (workers.inspect_upload).
-    STATUSES = [("inspecting", "inspecting"), ("ready", "ready"), ("failed", "failed")]
+    INGESTING, READY, FAILED = "ingesting", "ready", "failed"
+    # Uploads above the sync threshold and every import are "ingesting" until a worker has written the
+    # store (workers/ingest.py); "inspecting" rows of older versions became "ingesting" (migration 0004).
+    STATUSES = [("ingesting", "ingesting"), ("ready", "ready"), ("failed", "failed")]
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
     name = models.CharField(max_length=200)
     format = models.CharField(max_length=16, choices=FORMATS)
-    # Empty for a built-in dataset: `name` then is the built-in's name that kd_core loads.
+    # The upload while it waits to be ingested; emptied once the store holds it (the store replaces it).
+    # Rows ready before the store existed keep their file and are read from it. Empty for built-ins and imports.
     file = models.FileField(upload_to=dataset_upload_to, max_length=500, blank=True)
-    size = models.BigIntegerField(default=0, help_text="bytes")
+    # Path relative to KD_IMPORT_ROOT of an imported file or folder (read in place, never modified).
+    import_path = models.CharField(max_length=1000, blank=True, default="")
+    # Path of the ready store directory in storage (webapp/studio/stores.py), "" until ready.
+    store = models.CharField(max_length=500, blank=True, default="")
+    size = models.BigIntegerField(default=0, help_text="bytes in storage: the upload, then its store")
     status = models.CharField(max_length=16, choices=STATUSES, default="ready")
-    # kd_core.data.inspect_dataset's answer: format, num_samples, num_classes, input_shape,
+    # Fraction ingested (0..1), written by the ingesting task every half second or so.
+    progress = models.FloatField(default=1.0)
+    # The ingest attempt that holds the row (one writer at a time), its last sign of life, and how many
+    # attempts claimed it: a worker killed mid-ingest is restarted by `workers.cleanup`, a few times at most.
+    ingest_token = models.CharField(max_length=64, blank=True, default="")
+    heartbeat = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    # kd_core's inspection summary: format, num_samples, num_classes, input_shape,
     # class_names, class_counts, empty_classes, splits, labeled, is_image, preview.
     inspection = models.JSONField(default=dict, blank=True)
-    # Why inspection failed (status "failed"); the file is then deleted.
+    # Why ingestion failed (status "failed"); the upload and any partial store are then deleted.
     error = models.TextField(blank=True, default="")
     # Loader options the user gave with the upload, e.g. {"label_column": "label"} for CSV.
     options = models.JSONField(default=dict, blank=True)
@@ -69,6 +83,11 @@ class Dataset(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.format})"
+
+    @property
+    def store_folder(self) -> str:
+        """The folder in storage holding this dataset's store attempts (removed whole with the dataset)."""
+        return f"stores/{self.owner_id}/{self.pk}"
 
     @property
     def num_samples(self) -> int | None:
@@ -95,6 +114,8 @@ class Checkpoint(models.Model):
         ("state_dict", "PyTorch state dict"),
         ("torchscript", "TorchScript"),
         ("onnx", "ONNX"),
+        ("exported_program", "torch.export ExportedProgram (.pt2)"),
+        ("soft_labels", "soft labels (a file of predictions)"),
     ]
     ROLES = [("teacher", "teacher"), ("student", "student")]
     INSPECTING, READY, FAILED = "inspecting", "ready", "failed"
@@ -121,6 +142,11 @@ class Checkpoint(models.Model):
     status = models.CharField(max_length=16, choices=STATUSES, default="ready")
     # Why inspection failed (status "failed"); the file is then deleted.
     error = models.TextField(blank=True, default="")
+    # {"mean": [..], "std": [..]} per input channel, applied before a model trained with normalisation
+    # outside it (torchvision/timm state dicts usually are); None when the model takes raw inputs.
+    preprocessing = models.JSONField(null=True, blank=True)
+    # Soft-label teachers: the fraction of the dataset's train samples the predictions cover.
+    coverage = models.FloatField(null=True, blank=True)
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -334,6 +360,7 @@ class Artifact(models.Model):
         ("safetensors", "safetensors"),
         ("torchscript", "TorchScript"),
         ("onnx", "ONNX"),
+        ("exported_program", "torch.export ExportedProgram (.pt2)"),
         ("checkpoint", "checkpoint"),
     ]
 
@@ -392,3 +419,7 @@ class ApiToken(models.Model):
         if token.last_used is None or (now - token.last_used).total_seconds() > 60:
             cls.objects.filter(pk=token.pk).update(last_used=now)
         return token.user
+
+
+# Searches (distill to a budget) keep their models in their own module; importing them registers them here.
+from webapp.studio.search_models import Search, SearchTrial, StudentLatency  # noqa: E402, F401

@@ -15,4 +15,7 @@ urlpatterns = [
     path("experiments/new/", pages.new_experiment, name="experiment-new"),
     path("experiments/<int:pk>/", pages.experiment_detail, name="experiment-detail"),
     path("compare/", pages.compare, name="compare"),
+    path("searches/", pages.searches, name="searches"),
+    path("searches/new/", pages.new_search, name="search-new"),
+    path("searches/<int:pk>/", pages.search_detail, name="search-detail"),
 ]

@@ -41,5 +41,23 @@ def experiment_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 @login_required
+def searches(request: HttpRequest) -> HttpResponse:
+    return render(request, "searches.html", {"nav": "searches"})
+
+
+@login_required
+def new_search(request: HttpRequest) -> HttpResponse:
+    return render(request, "search_new.html", {"nav": "searches"})
+
+
+@login_required
+def search_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    from webapp.studio.search_models import Search
+
+    get_object_or_404(Search.objects.only("pk"), pk=pk, owner=request.user)
+    return render(request, "search_detail.html", {"nav": "searches", "search_id": pk})
+
+
+@login_required
 def compare(request: HttpRequest) -> HttpResponse:
     return render(request, "compare.html", {"nav": "compare"})

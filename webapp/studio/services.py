@@ -25,6 +25,7 @@ from kd_core.errors import CheckpointError, ConfigError, DatasetError
 from kd_core.limits import MAX_NAME_CHARS, name_problem
 from webapp.celery import app as celery_app
 from webapp.env import env_int
+from webapp.studio import imports, stores
 from webapp.studio.auth import ApiError
 from webapp.studio.models import Artifact, Checkpoint, Dataset, Experiment
 from webapp.studio.storage import delete_quietly, local_path, save_local_file
@@ -38,11 +39,13 @@ CHECKPOINT_EXTENSIONS = {
     ".pth": "state_dict",
     ".ts": "torchscript",
     ".onnx": "onnx",
+    ".pt2": "exported_program",
 }
 # Config keys a sweep may vary: the numeric and choice hyperparameters, not the data or the teacher.
 SWEEP_KEYS = {
     "epochs", "max_steps", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed",
     "temperature", "alpha", "soft_loss", "augment", "model",
+    "method", "method_options", "logit_standardization", "keep",
     "codistill.replicas", "codistill.burn_in_steps", "codistill.exchange_every", "codistill.loss",
     "codistill.weight", "codistill.exchange", "codistill.data", "codistill.group_size",
 }  # fmt: skip
@@ -105,9 +108,10 @@ def _mib(n: int) -> str:
 # --- datasets ---------------------------------------------------------------------------------
 
 
-# Uploads larger than this are inspected by a worker (`workers.inspect_upload`), not in the request:
-# reading a big file would hold a web process for minutes and its memory for the file's size.
+# Uploads larger than this are inspected by a worker, not in the request (checkpoints; datasets below).
 DEFAULT_SYNC_INSPECT_MAX_BYTES = 64 * 1024 * 1024
+# Datasets: ingesting writes the whole store, so the in-request bound is lower than for inspecting.
+DEFAULT_SYNC_INGEST_MAX_BYTES = 16 * 1024 * 1024
 
 
 def sync_inspect_max_bytes() -> int:
@@ -118,28 +122,71 @@ def sync_inspect_max_bytes() -> int:
     return int(value)
 
 
+def sync_ingest_max_bytes() -> int:
+    """Uploads up to this size are ingested in the request: KD_SYNC_INGEST_MAX_BYTES when set, else the lower
+    of 16 MiB and sync_inspect_max_bytes() (so lowering the one knob sends datasets to the worker too)."""
+    value = getattr(settings, "KD_SYNC_INGEST_MAX_BYTES", -1)
+    if value is None or int(value) < 0:
+        return min(DEFAULT_SYNC_INGEST_MAX_BYTES, sync_inspect_max_bytes())
+    return int(value)
+
+
 def create_dataset(owner, upload: UploadedFile, name: str | None, options: dict[str, Any]) -> Dataset:
-    """Store an upload, inspect it with kd_core, and record it; on any failure nothing remains.
+    """Store an upload and ingest it into its store; on any failure nothing remains.
 
-    A file above `sync_inspect_max_bytes()` is recorded as "inspecting" and inspected by a worker,
-    which makes the row "ready" or "failed" (the reason in `error`, the file deleted).
+    Up to `sync_ingest_max_bytes()` the store is written here (the row answers "ready"); a larger file is
+    recorded "ingesting" and ingested by `workers.ingest_dataset` on the default queue, which makes the row
+    "ready" or "failed" (the reason in `error`, the upload and any partial store deleted). Once the store
+    holds the data the upload is deleted: the store replaces it.
     """
-    from kd_core.data import inspect_dataset
-
     fmt = _extension(upload.name, DATASET_EXTENSIONS, "dataset")
     dataset = Dataset(owner=owner, name=_name(name, PurePath(upload.name).stem), format=fmt, options=options)
     dataset.file.save(upload.name, upload, save=False)  # streamed in chunks to storage
     with _refusing(dataset.file, upload.name, DatasetError):
         dataset.size = dataset.file.size
-        if dataset.size > sync_inspect_max_bytes():
-            dataset.status = Dataset.INSPECTING
+        if dataset.size > sync_ingest_max_bytes():
+            dataset.status, dataset.progress = Dataset.INGESTING, 0.0
             dataset.save()
-            _enqueue_inspection(dataset.pk, dataset.file.name)
+            enqueue_ingest(dataset.pk)
             return dataset
-        with local_path(dataset.file) as path:
-            inspection = inspect_dataset(str(path), options=options)
-        dataset.inspection = _jsonable(inspection)
-        dataset.save()
+        dataset.status, dataset.progress = Dataset.INGESTING, 0.0
+        dataset.save()  # the store folder is named after the row
+        store = f"{dataset.store_folder}/{uuid.uuid4().hex}"
+        try:
+            with local_path(dataset.file) as path:
+                summary, size = stores.ingest_to_storage(path, store, options=options)
+        except BaseException:
+            stores.delete_tree(dataset.store_folder)
+            Dataset.objects.filter(pk=dataset.pk).delete()
+            raise
+    upload_name = dataset.file.name
+    dataset.inspection, dataset.store, dataset.size = _jsonable(summary), store, size
+    dataset.status, dataset.progress, dataset.file = Dataset.READY, 1.0, ""
+    dataset.save()
+    delete_quietly(upload_name)  # the row no longer names it
+    return dataset
+
+
+def import_dataset(owner, name: Any, import_path: Any, options: dict[str, Any]) -> Dataset:
+    """Register a file or folder under KD_IMPORT_ROOT and enqueue its ingestion; 400 saying why when refused.
+
+    The original is read in place by the worker and never modified or deleted.
+    """
+    try:
+        source = imports.resolve(import_path)
+    except imports.ImportRefused as exc:
+        raise ApiError(str(exc)) from None
+    check_storage_quota(owner, source.size)  # a store takes at least about what it was made from
+    dataset = Dataset.objects.create(
+        owner=owner,
+        name=_name(name, PurePath(source.relative).stem or PurePath(source.relative).name),
+        format=source.format,
+        import_path=source.relative,
+        options=options,
+        status=Dataset.INGESTING,
+        progress=0.0,
+    )
+    enqueue_ingest(dataset.pk)
     return dataset
 
 
@@ -167,40 +214,56 @@ def refusal_message(upload_name: str, stored_name: str, exc: Exception) -> str:
     return f"{upload_name}: {reason}"
 
 
-def _enqueue_inspection(dataset_id: int, file_name: str) -> None:
-    """Send `workers.inspect_upload` to queue `default` once the row is committed."""
+def enqueue_ingest(dataset_id: int) -> None:
+    """Send `workers.ingest_dataset` to queue `default` once the row is committed."""
 
     def send() -> None:
         try:
             celery_app.send_task(
-                "workers.inspect_upload",
+                "workers.ingest_dataset",
                 args=[dataset_id],
                 queue="default",
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
         except Exception as exc:  # noqa: BLE001 - any broker failure means the same to the user
-            log.exception("could not enqueue the inspection of dataset %s", dataset_id)
-            fail_inspection(dataset_id, file_name, f"could not reach the job queue: {exc}")
+            log.exception("could not enqueue the ingestion of dataset %s", dataset_id)
+            fail_ingest(dataset_id, f"could not reach the job queue: {exc}")
 
     transaction.on_commit(send)
 
 
-def finish_inspection(dataset_id: int, inspection: dict[str, Any]) -> bool:
-    """Record a worker's inspection; False when the row is gone or no longer inspecting."""
-    updated = Dataset.objects.filter(pk=dataset_id, status=Dataset.INSPECTING).update(
-        status=Dataset.READY, inspection=_jsonable(inspection), error=""
-    )
+def finish_ingest(dataset_id: int, token: str, store: str, summary: dict[str, Any], size: int) -> bool:
+    """Record a finished store under the attempt's `token`; False when the row is gone or another holds it.
+
+    The upload is then deleted: the store replaces it.
+    """
+    row = Dataset.objects.filter(pk=dataset_id).values_list("file", flat=True).first()
+    updated = Dataset.objects.filter(pk=dataset_id, status=Dataset.INGESTING, ingest_token=token).update(
+        status=Dataset.READY, store=store, inspection=_jsonable(summary), size=size, progress=1.0,
+        error="", file="", ingest_token="",
+    )  # fmt: skip
+    if updated and row:
+        delete_quietly(row)  # the row no longer names it
     return bool(updated)
 
 
-def fail_inspection(dataset_id: int, file_name: str, reason: str) -> bool:
-    """Mark an inspecting row failed with `reason` and delete its file (nothing half-usable remains)."""
-    updated = Dataset.objects.filter(pk=dataset_id, status=Dataset.INSPECTING).update(
-        status=Dataset.FAILED, error=reason[:2000]
+def fail_ingest(dataset_id: int, reason: str, token: str | None = None) -> bool:
+    """Mark an ingesting row failed with `reason` (under `token` when given) and delete its upload and
+    any store: nothing half-usable remains. False when the row is gone or no longer this attempt's."""
+    rows = Dataset.objects.filter(pk=dataset_id, status=Dataset.INGESTING)
+    if token is not None:
+        rows = rows.filter(ingest_token=token)
+    found = rows.values_list("file", "owner_id").first()
+    if found is None:
+        return False
+    updated = rows.update(
+        status=Dataset.FAILED, error=reason[:2000], ingest_token="", store="", file="", size=0
     )
     if updated:
+        file_name, owner_id = found
         delete_quietly(file_name)
+        stores.delete_tree(f"stores/{owner_id}/{dataset_id}")
     return bool(updated)
 
 
@@ -223,10 +286,17 @@ def builtin_dataset(owner, name: str) -> Dataset:
 
 
 def delete_dataset(dataset: Dataset) -> None:
+    """Delete the row, its upload and its stores; an ingesting worker notices the row is gone and stops,
+    removing what it wrote (its own check, after its last write, covers a store finished meanwhile)."""
     _refuse_if_in_use(Experiment.objects.filter(dataset=dataset), f"dataset {dataset.pk}")
-    name = dataset.file.name
+    name, folder = dataset.file.name, dataset.store_folder
     dataset.delete()
-    transaction.on_commit(lambda: delete_quietly(name))
+
+    def remove() -> None:
+        delete_quietly(name)
+        stores.delete_tree(folder)
+
+    transaction.on_commit(remove)
 
 
 def _refuse_if_in_use(experiments, what: str) -> None:
@@ -240,7 +310,13 @@ def _refuse_if_in_use(experiments, what: str) -> None:
 
 
 def create_checkpoint(
-    owner, upload: UploadedFile, name: str | None, arch: Any = None, dataset: Dataset | None = None
+    owner,
+    upload: UploadedFile,
+    name: str | None,
+    arch: Any = None,
+    dataset: Dataset | None = None,
+    *,
+    preprocessing: Any = None,
 ) -> Checkpoint:
     """Store an uploaded model file, inspect it (never unpickling), record it; on failure nothing remains.
 
@@ -257,10 +333,22 @@ def create_checkpoint(
             arch = validate_model_spec(arch, "arch")
         except ConfigError as exc:
             raise ApiError(str(exc)) from None
+    if preprocessing is not None:
+        # The normalisation a plain state dict was trained with outside the model (torchvision/timm ones).
+        from kd_core.config import validate_preprocessing
+
+        try:
+            preprocessing = validate_preprocessing(preprocessing)
+        except ConfigError as exc:
+            raise ApiError(str(exc)) from None
     input_shape = dataset.input_shape if dataset else None
     num_classes = dataset.num_classes if dataset else None
     checkpoint = Checkpoint(
-        owner=owner, name=_name(name, PurePath(upload.name).stem), format=fmt, dataset=dataset
+        owner=owner,
+        name=_name(name, PurePath(upload.name).stem),
+        format=fmt,
+        dataset=dataset,
+        preprocessing=preprocessing,
     )
     checkpoint.file.save(upload.name, upload, save=False)
     with _refusing(checkpoint.file, upload.name, CheckpointError):
@@ -278,6 +366,7 @@ def create_checkpoint(
                 input_shape=input_shape,
                 num_classes=num_classes,
                 sandbox_limits=inspection_limits(),
+                preprocessing=preprocessing,
             )
         _fill_checkpoint(checkpoint, _jsonable(info))
         checkpoint.save()
@@ -358,7 +447,7 @@ def register_trained_model(experiment: Experiment, path: str) -> Checkpoint:
     info = _jsonable(inspect_checkpoint(str(path)))
     checkpoint = Checkpoint(
         owner_id=experiment.owner_id,
-        name=f"{experiment.name} (experiment {experiment.pk})"[:200],
+        name=experiment.name[:200],  # the list shows where it came from; the id would be said twice
         format="safetensors",
         # A model trained on hard labels here is how a user gets a teacher; a distilled one is a student.
         role="teacher" if experiment.kind == "train" else "student",
@@ -392,14 +481,18 @@ def create_experiments(owner, body: dict[str, Any]) -> list[Experiment]:
         try:
             parsed.append((parse_config(values), label))
         except ConfigError as exc:
-            raise ApiError(str(exc) if not label else f"{label}: {exc}") from None
+            raise ApiError(str(exc) if not label else f"{label}: {exc}", fields=exc.fields) from None
     first = parsed[0][0]
     dataset = _own_dataset(owner, first.dataset)
     teacher = _own_teacher(owner, first.teacher) if first.kind == "distill" else None
-    if teacher and teacher.num_classes and dataset.num_classes and teacher.num_classes != dataset.num_classes:
-        raise ApiError(
-            f"teacher {teacher.pk} predicts {teacher.num_classes} classes but dataset {dataset.pk} has {dataset.num_classes}"
-        )
+    if teacher:
+        from webapp.studio.soft_labels import check_soft_label_use
+
+        check_soft_label_use(teacher, dataset, [config for config, _ in parsed])
+        _check_teacher_fits(teacher, dataset)
+    for config, _label in parsed:
+        if config.init is not None:
+            config.init = _own_init(owner, config.init).pk
     group = uuid.uuid4().hex if sweep is not None else ""
     experiments = []
     notes = []
@@ -407,6 +500,7 @@ def create_experiments(owner, body: dict[str, Any]) -> list[Experiment]:
         config.dataset = dataset.pk
         config.teacher = teacher.pk if teacher else None
         config.name = _experiment_name(config.name, f"{config.kind}-{dataset.name}", label)
+        _check_burn_in(config, dataset)
         note = _bound_logging(config, dataset)
         if note:
             notes.append(f"{label}: {note}" if label else note)
@@ -427,6 +521,65 @@ def create_experiments(owner, body: dict[str, Any]) -> list[Experiment]:
     for experiment in experiments:
         experiment.notes = notes  # not a field: the view adds them to its answer
     return experiments
+
+
+def _check_teacher_fits(teacher: Checkpoint, dataset: Dataset) -> None:
+    """Refuse, in names, a teacher whose classes or input shape differ from the dataset's (it would fail later)."""
+    problems = []
+    if teacher.num_classes and dataset.num_classes and teacher.num_classes != dataset.num_classes:
+        problems.append(f"predicts {teacher.num_classes} classes but the dataset has {dataset.num_classes}")
+    t_shape, d_shape = teacher.input_shape, dataset.input_shape
+    # A dimension an ONNX file leaves open (a name or None) fits any size.
+    if (
+        t_shape
+        and d_shape
+        and (
+            len(t_shape) != len(d_shape)
+            or any(isinstance(t, int) and t != d for t, d in zip(t_shape, d_shape, strict=False))
+        )
+    ):
+        problems.append(f"takes inputs of shape {_shape(t_shape)} but the dataset's are {_shape(d_shape)}")
+    if problems:
+        trained = (
+            f" (it was trained on “{teacher.dataset.name}”)" if teacher.dataset_id and teacher.dataset else ""
+        )
+        raise ApiError(
+            f"teacher “{teacher.name}” does not fit dataset “{dataset.name}”: it {' and '.join(problems)}"
+            f"{trained}. Pick a teacher made for this dataset, or train one on it first",
+            fields={"teacher": " and ".join(problems)},
+        )
+
+
+def _shape(shape: list) -> str:
+    return "×".join(str(d) if d is not None else "?" for d in shape)
+
+
+def _check_burn_in(config: Any, dataset: Dataset) -> None:
+    """Refuse a codistillation whose burn-in lasts the whole run: it would only train the replicas alone."""
+    from kd_core.trainer import batches_per_epoch  # the trainer's own arithmetic, not a copy
+
+    cd = config.codistill
+    samples = dataset.num_samples or 0
+    if config.kind != "codistill" or cd.replicas < 2 or samples < 1:
+        return
+    held_out = round(samples * config.val_fraction) + round(samples * config.test_fraction)
+    train = max(1, samples - held_out)
+    if cd.data == "disjoint":
+        train = max(1, train // cd.replicas)
+    steps = config.epochs * batches_per_epoch(train, config.batch_size)
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps)
+    if cd.burn_in_steps >= steps:
+        fix = max(0, steps // 4)
+        raise ApiError(
+            f"codistillation burn-in is {cd.burn_in_steps:,} steps but the run has about {steps:,} steps "
+            f"({config.epochs} epochs of {train:,} training samples in batches of {config.batch_size}), so the "
+            f"replicas would never learn from each other. Set burn-in below {steps:,} (e.g. {fix:,}) or run "
+            "more epochs",
+            fields={
+                "codistill.burn_in_steps": f"{cd.burn_in_steps:,} ≥ the run's ~{steps:,} steps: try {fix:,}"
+            },
+        )
 
 
 def _experiment_name(given: str, default: str, label: str) -> str:
@@ -557,25 +710,64 @@ def _own_dataset(owner, ref: int | str) -> Dataset:
         return builtin_dataset(owner, ref)
     dataset = Dataset.objects.filter(owner=owner, pk=ref).first()
     if dataset is None:
-        raise ApiError(f"dataset {ref} not found among your datasets")
-    if dataset.status == Dataset.INSPECTING:
-        raise ApiError(f"dataset {ref} is still being inspected; use it once its status is ready")
+        raise ApiError(f"dataset {ref} not found among your datasets", fields={"dataset": "not found"})
+    if dataset.status == Dataset.INGESTING:
+        raise ApiError(
+            f"dataset “{dataset.name}” is still being ingested ({dataset.progress:.0%} done); use it once its "
+            "status is ready",
+            fields={"dataset": "still being ingested"},
+        )
     if dataset.status != Dataset.READY:
-        raise ApiError(f"dataset {ref} is not ready ({dataset.status})")
+        reason = dataset.error or "no reason recorded"
+        raise ApiError(
+            f"dataset “{dataset.name}” failed and cannot be used: {reason}", fields={"dataset": "failed"}
+        )
     return dataset
+
+
+def _own_init(owner, ref: int | str) -> Checkpoint:
+    """The owner's ready weights checkpoint that starts a student (`init`); 400 in words otherwise."""
+    if not isinstance(ref, int):
+        raise ApiError(
+            "'init' must be the id of one of your checkpoints", fields={"init": "pick a checkpoint"}
+        )
+    row = Checkpoint.objects.filter(owner=owner, pk=ref).first()
+    if row is None:
+        raise ApiError(
+            f"init checkpoint {ref} not found among your checkpoints", fields={"init": "not found"}
+        )
+    if row.status != Checkpoint.READY:
+        raise ApiError(
+            f"init checkpoint “{row.name}” is {row.status}, not ready", fields={"init": "not ready"}
+        )
+    if row.format not in ("safetensors", "state_dict"):
+        raise ApiError(
+            f"init checkpoint “{row.name}” is a {row.format} file; 'init' takes weights (.safetensors or a .pt "
+            "state dict)",
+            fields={"init": "not weights"},
+        )
+    return row
 
 
 def _own_teacher(owner, ref: int | str | None) -> Checkpoint:
     if not isinstance(ref, int):
-        raise ApiError("'teacher' must be the id of one of your checkpoints")
+        raise ApiError(
+            "'teacher' must be the id of one of your checkpoints", fields={"teacher": "pick a teacher"}
+        )
     teacher = Checkpoint.objects.filter(owner=owner, pk=ref).first()
     if teacher is None:
-        raise ApiError(f"teacher {ref} not found among your checkpoints")
+        raise ApiError(f"teacher {ref} not found among your checkpoints", fields={"teacher": "not found"})
     if teacher.status == Checkpoint.INSPECTING:
-        raise ApiError(f"teacher {ref} is still being inspected; use it once its status is ready")
+        raise ApiError(
+            f"teacher “{teacher.name}” is still being inspected; use it once its status is ready",
+            fields={"teacher": "still being inspected"},
+        )
     if teacher.status != Checkpoint.READY:
         reason = teacher.error or "no reason recorded"
-        raise ApiError(f"teacher {ref} failed inspection and cannot be used: {reason}")
+        raise ApiError(
+            f"teacher “{teacher.name}” failed inspection and cannot be used: {reason}",
+            fields={"teacher": "failed inspection"},
+        )
     return teacher
 
 
