@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -207,6 +206,7 @@ def run_experiment(
         "student_params": stats["params"],
         "student_size_bytes": stats["size_bytes"],
         "student_latency_ms": stats["cpu_latency_ms"],
+        **_latency_metrics("student", stats),
         "steps": outcome.steps,
         "epochs": outcome.epochs,
         "best_epoch": outcome.best.get("epoch"),
@@ -310,16 +310,38 @@ def _teacher_metrics(
     out["teacher_params"] = int(params) if params else None
     latency, size = _teacher_cost(teacher, tuple(dataset.input_shape))
     out["teacher_size_bytes"] = size
-    out["teacher_latency_ms"] = latency
+    teacher_ms = latency["cpu_latency_ms"] if latency else None
+    out["teacher_latency_ms"] = teacher_ms
+    if latency:
+        out |= _latency_metrics("teacher", latency)
     if params and student["params"]:
         out["compression"] = params / student["params"]
-    if latency and student["cpu_latency_ms"]:
-        out["speedup"] = latency / student["cpu_latency_ms"]
+    if teacher_ms and student["cpu_latency_ms"]:
+        out["speedup"] = teacher_ms / student["cpu_latency_ms"]
     return out
 
 
-def _teacher_cost(teacher: Any, input_shape: tuple[int, ...]) -> tuple[float | None, int | None]:
-    """Median CPU latency of one sample (ms) and weight bytes, measured like the student's."""
+def _latency_metrics(who: str, stats: dict[str, Any]) -> dict[str, Any]:
+    """The spread and conditions of a model_stats latency, beside `<who>_latency_ms` (the median).
+
+    `latency_batch_size` and `latency_threads` are shared: student and teacher are timed the same way.
+    `<who>_latency_overhead` is the share of the single-sample time that is fixed per-call cost (None: not measured).
+    """
+    return {
+        f"{who}_latency_ms_p10": stats["cpu_latency_p10_ms"],
+        f"{who}_latency_ms_p90": stats["cpu_latency_p90_ms"],
+        f"{who}_latency_repeats": stats["latency_repeats"],
+        f"{who}_latency_overhead": stats["latency_overhead"],
+        "latency_batch_size": stats["latency_batch_size"],
+        "latency_threads": stats["latency_threads"],
+    }
+
+
+def _teacher_cost(teacher: Any, input_shape: tuple[int, ...]) -> tuple[dict[str, Any] | None, int | None]:
+    """CPU latency of one sample (model_stats' latency fields: median, p10, p90, ...) and weight bytes,
+    measured like the student's: warm-up, then time-bounded repetitions."""
+    from kd_core.models.wrap import cpu_latency, latency_fields
+
     module = teacher.module
     size = None
     if module is not None:
@@ -328,21 +350,15 @@ def _teacher_cost(teacher: Any, input_shape: tuple[int, ...]) -> tuple[float | N
             try:
                 from kd_core.models import model_stats
 
-                return model_stats(module, input_shape)["cpu_latency_ms"], size
+                return model_stats(module, input_shape), size
             except Exception:  # a module that cannot be copied: fall back to timing the teacher itself
                 pass
     previous = teacher.device
     teacher.to("cpu")
     x = torch.zeros((1, *input_shape))
     try:
-        for _ in range(3):
-            teacher.logits(x)
-        times = []
-        for _ in range(20):
-            start = time.perf_counter()
-            teacher.logits(x)
-            times.append((time.perf_counter() - start) * 1000.0)
-        return statistics.median(times), size
+        with torch.no_grad():
+            return latency_fields(cpu_latency(teacher.logits, x)), size
     except Exception:
         return None, size
     finally:

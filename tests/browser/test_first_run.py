@@ -67,6 +67,20 @@ def test_first_page_offers_distil_and_the_card_states_the_result(browser, stack,
         assert re.search(r"\d+(\.\d+)?× fewer parameters", verdict)
         assert re.search(r"\d+(\.\d+)?× (faster|slower) on one CPU sample", verdict)
         assert "per sample" in page.inner_text("[data-metric=student_latency_ms]")
+        # Latency with its spread, for the student and its teacher, and how it was measured, in words.
+        for who in ("student", "teacher"):
+            spread = page.inner_text(f"[data-metric={who}_latency_ms] .latency-spread")
+            lo, hi = (float(v) for v in re.search(r"p10–p90: ([\d.]+)–([\d.]+) ms", spread).groups())
+            assert lo <= hi, spread
+        card_note = page.inner_text("#card-note")
+        assert re.search(
+            r"median of [\d,]+ single-sample CPU calls .*\(batch size 1, \d+ CPU threads?\)", card_note
+        )
+        assert "p10–p90" in card_note
+        # An 8-unit MLP student: the card says its time is mostly per-call overhead, not arithmetic.
+        assert re.search(
+            r"about \d+% of this student's time per sample is fixed per-call overhead", card_note
+        )
         # Off the chart, the legend shows the latest values instead of blanks.
         page.wait_for_function(
             "[...document.querySelectorAll('.chart[data-chart=loss] .u-legend .u-value')].some((v) => /\\d/.test(v.textContent))"

@@ -156,6 +156,49 @@ def test_model_stats_reports_size_and_latency_without_touching_the_model():
     assert model_stats(scripted, (5,), repeats=2)["params"] == 5 * 64 + 64 + 64 * 2 + 2
 
 
+def test_model_stats_latency_is_a_time_bounded_median_with_its_spread():
+    import time
+
+    # A tiny model: thousands of single-sample calls fit the budget, and batching shows its time is overhead.
+    tiny = build_model({"arch": "mlp", "hidden": [8]}, (16,), 3)
+    started = time.perf_counter()
+    stats = model_stats(tiny, budget_s=0.3)
+    assert time.perf_counter() - started < 0.3 + 0.5  # the budget, plus copying the model
+    assert 0 < stats["cpu_latency_p10_ms"] <= stats["cpu_latency_ms"] <= stats["cpu_latency_p90_ms"]
+    assert stats["latency_repeats"] >= 20 and stats["latency_batch_size"] == 1
+    # On one thread (reproducible on a busy worker), and the process's setting is left as it was.
+    before = torch.get_num_threads()
+    assert stats["latency_threads"] == 1 and torch.get_num_threads() == before
+    assert model_stats(tiny, budget_s=0.05, threads=None)["latency_threads"] == before
+    assert 0 <= stats["latency_overhead"] <= 1
+    # A slow model: the budget bounds the measurement; at least 3 timed calls, no batched figure past the budget.
+    slow = build_model({"arch": "mlp", "hidden": [2048, 2048, 2048]}, (2048,), 10)
+    started = time.perf_counter()
+    stats = model_stats(slow, budget_s=0.05)
+    single = stats["cpu_latency_ms"] / 1000.0
+    assert time.perf_counter() - started < 0.05 + 12 * single + 1.0
+    assert stats["latency_repeats"] >= 3
+    assert stats["cpu_latency_p10_ms"] <= stats["cpu_latency_ms"] <= stats["cpu_latency_p90_ms"]
+    # The repetition cap still holds inside the budget.
+    assert model_stats(tiny, repeats=7, budget_s=5.0)["latency_repeats"] == 7
+
+
+def test_cpu_latency_quantiles_of_known_times():
+    from kd_core.models.wrap import _quantile, cpu_latency
+
+    assert _quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert _quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.1) == pytest.approx(1.4)
+    assert _quantile([7.0], 0.9) == 7.0
+
+    # A callable that cannot take a batch still gets its single-sample figures, without an overhead figure.
+    def one_only(x):
+        assert x.shape[0] == 1
+        return x.sum()
+
+    lat = cpu_latency(one_only, torch.zeros(1, 4), budget_s=0.05)
+    assert lat["overhead"] is None and lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"]
+
+
 def test_numpy_shapes_counts_and_statistics_are_accepted():
     import numpy as np
 

@@ -77,6 +77,12 @@ def test_distill_reports_teacher_figures(digits, trained, tmp_path):
     assert m["teacher_params"] > m["student_params"]
     assert m["compression"] == pytest.approx(m["teacher_params"] / m["student_params"])
     assert m["teacher_latency_ms"] > 0 and m["speedup"] > 0
+    # Medians with their spread and how they were measured, student and teacher alike.
+    for who in ("student", "teacher"):
+        assert m[f"{who}_latency_ms_p10"] <= m[f"{who}_latency_ms"] <= m[f"{who}_latency_ms_p90"], who
+        assert m[f"{who}_latency_repeats"] >= 3
+    assert m["latency_batch_size"] == 1 and m["latency_threads"] >= 1
+    assert m["speedup"] == pytest.approx(m["teacher_latency_ms"] / m["student_latency_ms"])
     assert 0 <= m["test_agreement"] <= 1
     assert result.files == {} and json.loads((tmp_path / "result.json").read_text())["metrics"]["teacher_acc"]
 

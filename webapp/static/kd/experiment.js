@@ -71,7 +71,8 @@ function verdict(m) {
     if (m.compression) parts.push(", with ", el("strong", { text: `${fmtNum(m.compression, 3)}× fewer parameters` }),
       ` (${fmtCount(m.student_params)} vs ${fmtCount(m.teacher_params)})`);
     if (m.speedup) parts.push(m.speedup >= 1 ? " and runs " : " but runs ",
-      el("strong", { text: m.speedup >= 1 ? `${fmtNum(m.speedup, 3)}× faster` : `${fmtNum(1 / m.speedup, 3)}× slower` }), " on one CPU sample");
+      el("strong", { text: m.speedup >= 1 ? `${fmtNum(m.speedup, 3)}× faster` : `${fmtNum(1 / m.speedup, 3)}× slower` }), " on one CPU sample",
+      latencyOverlap(m) ? " (within run-to-run spread: the two latency ranges overlap)" : "");
     parts.push(".");
   } else if (exp.kind === "codistill" && m.ensemble_test_acc !== undefined) {
     parts.push(`The best replica (${m.best_replica ?? 0}) reaches `, el("strong", { text: fmtPct(m.test_acc) }),
@@ -82,6 +83,47 @@ function verdict(m) {
       " Use it as a teacher: “Distill this model” trains a smaller student from it.");
   }
   return parts;
+}
+
+// Latency as measured: the median of repeated single-sample CPU calls, with its p10–p90 spread (older runs: median only).
+function latencyStat(m, who, label) {
+  const med = m[`${who}_latency_ms`], lo = m[`${who}_latency_ms_p10`], hi = m[`${who}_latency_ms_p90`];
+  const box = stat(`${fmtNum(med, 3)} ms`, label, `${who}_latency_ms`);
+  if (lo !== undefined && lo !== null && hi !== undefined && hi !== null) {
+    box.append(el("div", { class: "l latency-spread", text: `p10–p90: ${fmtNum(lo, 3)}–${fmtNum(hi, 3)} ms` }));
+  }
+  return box;
+}
+
+// Student and teacher latencies whose p10–p90 ranges overlap: a speed-up or slow-down within noise.
+function latencyOverlap(m) {
+  const r = (w) => [m[`${w}_latency_ms_p10`], m[`${w}_latency_ms_p90`]];
+  const [slo, shi] = r("student"), [tlo, thi] = r("teacher");
+  if ([slo, shi, tlo, thi].some((v) => typeof v !== "number")) return false;
+  return slo <= thi && tlo <= shi;
+}
+
+// Milliseconds, in µs below 0.1 ms (no exponents in a sentence).
+function fmtMicro(ms) { return ms < 0.1 ? `${fmtNum(Math.round(ms * 10000) / 10, 3)} µs` : `${fmtNum(ms, 2)} ms`; }
+
+// How latency was measured, and, for a model whose time is mostly fixed per-call cost, why it may not be faster.
+function latencyNotes(m) {
+  const note = [];
+  if (m.student_latency_ms_p10 !== undefined) {
+    note.push(`latency is the median of ${fmtCount(m.student_latency_repeats)} single-sample CPU calls on the worker after a warm-up ` +
+      `(batch size ${m.latency_batch_size ?? 1}, ${m.latency_threads ?? "?"} CPU thread${m.latency_threads === 1 ? "" : "s"}), ` +
+      "and p10–p90 is the range of the middle 80% of those calls");
+  } else note.push("latency is the median of single-sample CPU runs on the worker");
+  const oh = m.student_latency_overhead;
+  if (typeof oh === "number" && oh >= 0.5) {
+    note.push(`about ${Math.round(oh * 100)}% of this student's time per sample is fixed per-call overhead of Python and the framework, not arithmetic ` +
+      `(fed many samples in one call, it costs about ${fmtMicro(m.student_latency_ms * (1 - oh))} per sample), so a smaller model need not run faster on one sample, ` +
+      "and its speed-up over the teacher mostly compares overheads; compare speed on larger models or batched calls");
+  } else if (oh === undefined && ((m.student_params ?? Infinity) < 100_000 || (m.speedup !== undefined && m.speedup < 1))) {
+    // Runs measured before the overhead figure existed: the parameter count is the hint.
+    note.push(`for a model this small (${fmtCount(m.student_params)} parameters) the time is mostly fixed per-call overhead of the framework, not arithmetic, so latency and speed-up can differ by 20% or more between identical runs, and a smaller student can even time slower than its teacher; compare speed on larger models or batched calls`);
+  }
+  return note;
 }
 
 // A cancelled job may still have saved its best model so far.
@@ -113,7 +155,8 @@ function renderModelCard() {
   stats.push(stat(fmtCount(m.student_params), "parameters", "student_params"));
   if (m.teacher_params) stats.push(stat(fmtCount(m.teacher_params), "teacher parameters", "teacher_params"));
   if (m.student_size_bytes) stats.push(stat(fmtBytes(m.student_size_bytes), "weights on disk", "student_size_bytes"));
-  if (m.student_latency_ms !== undefined) stats.push(stat(`${fmtNum(m.student_latency_ms, 3)} ms`, "CPU latency per sample", "student_latency_ms"));
+  if (m.student_latency_ms !== undefined) stats.push(latencyStat(m, "student", "CPU latency per sample (median)"));
+  if (m.teacher_latency_ms) stats.push(latencyStat(m, "teacher", "teacher CPU latency per sample (median)"));
   if (m.compression) stats.push(stat(`${fmtNum(m.compression, 3)}×`, "fewer parameters than the teacher", "compression"));
   if (m.speedup) stats.push(stat(`${fmtNum(m.speedup, 3)}×`, "CPU speed-up over the teacher", "speedup"));
   if (m.test_agreement !== undefined && m.test_agreement !== null) stats.push(stat(fmtPct(m.test_agreement), "agrees with the teacher (test)", "test_agreement"));
@@ -131,12 +174,9 @@ function renderModelCard() {
   warnChance(m);
   const note = [`Produced by this config with seed ${c.seed ?? 0}`];
   if (exp.device) note.push(`trained on ${exp.device}`);
-  note.push("latency is the median of single-sample CPU runs on the worker");
   // A model of a few thousand parameters spends its time in per-call overhead, not arithmetic: its
   // latency and speed-up are within noise, and a smaller student can time slower than its teacher.
-  if ((m.student_params ?? Infinity) < 100_000 || (m.speedup !== undefined && m.speedup < 1)) {
-    note.push(`for a model this small (${fmtCount(m.student_params)} parameters) the time is mostly fixed per-call overhead of the framework, not arithmetic, so latency and speed-up can differ by 20% or more between identical runs, and a smaller student can even time slower than its teacher; compare speed on larger models or batched calls`);
-  }
+  note.push(...latencyNotes(m));
   $("#card-note").textContent = note.join("; ") + ".";
   renderDistilButton();
   renderContract();
