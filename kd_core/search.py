@@ -14,12 +14,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kd_core.config import validate_model_spec
+from kd_core.config import METHODS, validate_model_spec
 from kd_core.errors import ConfigError
 
 DEVICES = ("cpu", "cuda")
-# The distillation losses kd_core.config knows today; a search may choose among them.
-METHODS = ("hinton",)
+# A search may choose among the distillation methods kd_core.config knows (METHODS: hinton, dkd, dist).
+# Logit standardisation applies to these only (DIST's correlations ignore the logits' scale already).
+STANDARDIZABLE = ("hinton", "dkd")
 # At most this many candidates: the sampler's categorical choice stays informative.
 MAX_CANDIDATES = 32
 MAX_LIST_STUDENTS = 64
@@ -49,12 +50,14 @@ class Budget:
 
 @dataclass
 class Space:
-    """What a search may choose: a student among `students`, T and alpha in their ranges, a method."""
+    """What a search may choose: a student among `students`, T and alpha in their ranges, a method, and
+    whether to standardise logits (`standardize`: [False], [True] or [False, True], the last a choice)."""
 
     students: list[dict[str, Any]]
     temperature: tuple[float, float] = (1.0, 8.0)
     alpha: tuple[float, float] = (0.3, 0.95)
     methods: list[str] = field(default_factory=lambda: ["hinton"])
+    standardize: list[bool] = field(default_factory=lambda: [False])
     auto: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,6 +66,7 @@ class Space:
             "temperature": list(self.temperature),
             "alpha": list(self.alpha),
             "method": self.methods,
+            "logit_standardization": self.standardize,
             "auto": self.auto,
         }
 
@@ -194,7 +198,7 @@ def parse_space(body: Any, input_shape: tuple[int, ...], num_classes: int, budge
         body = {}
     if not isinstance(body, dict):
         raise ConfigError('\'space\' must be an object such as {"students": "auto", "temperature": [1, 8]}')
-    unknown = sorted(set(body) - {"students", "temperature", "alpha", "method"})
+    unknown = sorted(set(body) - {"students", "temperature", "alpha", "method", "logit_standardization"})
     if unknown:
         raise ConfigError(f"unknown space field(s): {', '.join(unknown)}")
     students = body.get("students", "auto")
@@ -215,18 +219,51 @@ def parse_space(body: Any, input_shape: tuple[int, ...], num_classes: int, budge
         raise ConfigError(
             f"'space.students' must be \"auto\" or a list of 1 to {MAX_LIST_STUDENTS} model specs; got {students!r}"
         )
-    methods = body.get("method", ["hinton"])
-    if isinstance(methods, str):
-        methods = [methods]
-    if not isinstance(methods, list) or not methods or any(m not in METHODS for m in methods):
-        raise ConfigError(f"'space.method' must list methods among {', '.join(METHODS)}; got {methods!r}")
+    methods = _methods(body.get("method", ["hinton"]))
     return Space(
         students=specs,
         temperature=_range(body, "temperature", (1.0, 8.0), 0.05, 100.0),
         alpha=_range(body, "alpha", (0.3, 0.95), 0.0, 1.0),
-        methods=sorted(set(methods), key=methods.index),
+        methods=methods,
+        standardize=_standardize(body.get("logit_standardization", False), methods),
         auto=auto,
     )
+
+
+def _methods(value: Any) -> list[str]:
+    """`space.method`: one method name or a non-empty list of them (duplicates dropped, order kept)."""
+    if isinstance(value, str):
+        value = [value]
+    good = isinstance(value, list) and value and all(isinstance(m, str) and m in METHODS for m in value)
+    if not good:
+        raise ConfigError(
+            f'\'space.method\' must list methods among {", ".join(METHODS)} (for example ["hinton", "dkd"]); '
+            f"got {value!r}"
+        )
+    return sorted(set(value), key=value.index)
+
+
+def _standardize(value: Any, methods: list[str]) -> list[bool]:
+    """`space.logit_standardization`: false (default), true, or [false, true] to let the search choose."""
+    if isinstance(value, bool):
+        value = [value]
+    good = isinstance(value, list) and value and all(isinstance(v, bool) for v in value)
+    if not good:
+        raise ConfigError(
+            f"'space.logit_standardization' must be true, false or [false, true] (the search chooses); got {value!r}"
+        )
+    choices = sorted(set(value))
+    if choices == [True] and not any(m in STANDARDIZABLE for m in methods):
+        raise ConfigError(
+            "'space.logit_standardization' true applies to methods hinton and dkd, not dist (DIST's correlations "
+            "ignore logit scale already): add hinton or dkd to 'space.method', or leave it false"
+        )
+    return choices
+
+
+def trial_choice(method: str, standardize: bool) -> bool:
+    """The logit_standardization a trial of `method` runs with: as chosen, except never for dist."""
+    return bool(standardize) and method in STANDARDIZABLE
 
 
 def measure_latency(

@@ -149,7 +149,8 @@ def _new_trial(search: Any, budget: Any, asked: int) -> Any:
     name = f"{search.name} #{number}"[:200]
     config = searches.trial_config(
         search.base_config, search.dataset_id, search.teacher_id, search.epochs, params["student"],
-        params["temperature"], params["alpha"], name,
+        params["temperature"], params["alpha"], name, method=params.get("method", "hinton"),
+        logit_standardization=bool(params.get("logit_standardization", False)),
     )  # fmt: skip
     from kd_core.config import parse_config
 

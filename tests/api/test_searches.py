@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.studio.models import Checkpoint, Experiment
+from kd_core.config import parse_config
+from kd_core.search import Budget
+from webapp.studio import search_study, services
+from webapp.studio.models import Artifact, Checkpoint, Experiment
+from webapp.studio.search import trial_config
 from webapp.studio.search_models import Search, SearchTrial
+from workers import search as worker_search
 
 pytestmark = pytest.mark.django_db
 
@@ -92,7 +97,15 @@ def test_bad_budgets_are_400_in_words(owner, owner_client, django_capture_on_com
         ({"students": [{"arch": "resnet", "depth": 9}]}, "6n+2"),
         ({"temperature": [5, 1]}, "'space.temperature' must be [low, high]"),
         ({"alpha": [0, 2]}, "'space.alpha' must be [low, high]"),
-        ({"method": ["dkd"]}, "'space.method' must list methods among hinton"),
+        ({"method": ["fitnet"]}, "'space.method' must list methods among hinton, dkd, dist"),
+        ({"method": []}, "'space.method' must list methods among"),
+        ({"method": "hinton dkd"}, "'space.method' must list methods among"),
+        (
+            {"logit_standardization": "yes"},
+            "'space.logit_standardization' must be true, false or [false, true]",
+        ),
+        ({"logit_standardization": []}, "'space.logit_standardization' must be true, false or [false, true]"),
+        ({"method": ["dist"], "logit_standardization": True}, "applies to methods hinton and dkd, not dist"),
         ({"width": 3}, "unknown space field(s): width"),
     ],
 )
@@ -112,6 +125,10 @@ def test_bad_spaces_are_400_in_words(owner, owner_client, django_capture_on_comm
         ({"objective": "test_acc"}, "'objective' must be \"val_acc\""),
         ({"config": {"model": {}}}, "'config' may set only"),
         ({"config": {"lr": -1}}, "'config': 'lr' must be >="),
+        (
+            {"space": {"method": ["hinton", "dist"]}, "config": {"batch_size": 1}},
+            "'config' with method dist: 'batch_size' must be at least 2 for method dist",
+        ),
         ({"colour": "red"}, "unknown search field(s): colour"),
         ({"teacher": None}, "'teacher' is required"),
     ],
@@ -159,3 +176,99 @@ def test_cancel_stops_the_search_and_its_trials(owner, owner_client, django_capt
     with django_capture_on_commit_callbacks(execute=False):
         again = owner_client.post(f"/api/searches/{search.pk}/cancel/")
     assert again.status_code == 409 and "already cancelled" in again.json()["error"]
+
+
+# --- method in the space (issue 12 follow-up) -------------------------------------------------------------------
+
+
+def test_methods_and_standardisation_are_stored_in_the_space(
+    owner, owner_client, django_capture_on_commit_callbacks
+):
+    teacher = digits_teacher(owner)
+    space = {"students": "auto", "method": ["dkd", "hinton", "dkd"], "logit_standardization": [True, False]}
+    response = post(owner_client, body(teacher, space=space), django_capture_on_commit_callbacks)
+    assert response.status_code == 201, response.content
+    stored = Search.objects.get().space
+    assert stored["method"] == ["dkd", "hinton"] and stored["logit_standardization"] == [False, True]
+    # the defaults: Hinton only, no standardisation
+    response = post(owner_client, body(teacher), django_capture_on_commit_callbacks)
+    stored = Search.objects.get(pk=response.json()["id"]).space
+    assert stored["method"] == ["hinton"] and stored["logit_standardization"] == [False]
+    # a single name is accepted as a list of one
+    response = post(owner_client, body(teacher, space={"method": "dist"}), django_capture_on_commit_callbacks)
+    assert Search.objects.get(pk=response.json()["id"]).space["method"] == ["dist"]
+
+
+@pytest.mark.parametrize("method", ["hinton", "dkd", "dist"])
+def test_each_method_makes_a_trial_config_that_parses(method):
+    config = parse_config(trial_config(
+        {"batch_size": 32}, 1, 2, 6, {"arch": "mlp", "hidden": [16]}, 3.0, 0.7, "t", method=method,
+        logit_standardization=method != "dist",
+    )).to_dict()  # fmt: skip
+    assert config["method"] == method and config["logit_standardization"] == (method != "dist")
+    if method == "dkd":  # DKD's warm-up is the paper's share (20/240) of the trial's epochs, not 20 epochs
+        assert config["method_options"]["warmup_epochs"] == pytest.approx(0.5)
+
+
+@pytest.mark.django_db(transaction=True)  # Optuna writes through its own connection to the test database
+def test_trials_sample_the_methods_and_carry_them_into_their_experiments(owner):
+    teacher = digits_teacher(owner)
+    dataset = services._own_dataset(owner, "digits")
+    search = Search.objects.create(
+        owner=owner, name="methods", dataset=dataset, teacher=teacher, budget={"max_params": 5000},
+        space={"students": [{"arch": "mlp", "hidden": [16]}], "temperature": [2.0, 4.0], "alpha": [0.5, 0.9],
+               "method": ["hinton", "dkd", "dist"], "logit_standardization": [False, True], "auto": False},
+        trials=12, parallel=12, epochs=3, seed=3,
+    )  # fmt: skip
+    seen = set()
+    for asked in range(12):
+        _, _, params = search_study.ask(search, asked)
+        assert params["method"] in ("hinton", "dkd", "dist")
+        if params["method"] == "dist":
+            assert params["logit_standardization"] is False  # DIST never standardises
+        seen.add((params["method"], params["logit_standardization"]))
+    assert {m for m, _ in seen} == {"hinton", "dkd", "dist"}
+    assert {ls for _, ls in seen} == {False, True}
+    # a trial queued by the worker carries its method into its experiment's config
+    trial = worker_search._new_trial(search, Budget(max_params=5000), 12)
+    exp = trial.experiment
+    assert exp is not None and trial.state == SearchTrial.QUEUED
+    assert exp.config["method"] == trial.params["method"]
+    assert exp.config["logit_standardization"] == trial.params["logit_standardization"]
+
+
+# --- best val acc on the list, and which trials have a model to use ------------------------------------------
+
+
+def _finished_trial(search, number, acc, params_count, exported, state=SearchTrial.COMPLETE):
+    exp = Experiment.objects.create(
+        owner=search.owner, name=f"t{number}", kind="distill", dataset=search.dataset, teacher=search.teacher,
+        status=Experiment.SUCCEEDED,
+    )  # fmt: skip
+    if exported:
+        Artifact.objects.create(experiment=exp, kind="safetensors", file=f"a/{number}.safetensors", size=1)
+    return SearchTrial.objects.create(
+        search=search, number=number, experiment=exp, state=state,
+        params={"student": {"arch": "mlp", "hidden": [16]}, "temperature": 2.0, "alpha": 0.5, "method": "hinton"},
+        figures={"params": params_count}, metrics={"val_acc": acc, "test_acc": acc - 0.01},
+    )  # fmt: skip
+
+
+def test_list_entries_carry_the_best_val_acc_and_detail_says_which_trials_exported(
+    owner, owner_client, django_capture_on_commit_callbacks
+):
+    teacher = digits_teacher(owner)
+    search = Search.objects.get(
+        pk=post(owner_client, body(teacher), django_capture_on_commit_callbacks).json()["id"]
+    )
+    listed = owner_client.get("/api/searches/").json()["searches"][0]
+    assert listed["best_val_acc"] is None and listed["best_test_acc"] is None  # no trial yet
+    front = _finished_trial(search, 0, 0.91, 3000, exported=True)
+    _finished_trial(search, 1, 0.80, 4000, exported=False)  # dominated: finished off the front
+    _finished_trial(search, 2, 0.95, 4500, exported=False, state=SearchTrial.PRUNED)
+    listed = owner_client.get("/api/searches/").json()["searches"][0]
+    assert listed["best"] == front.experiment_id
+    assert listed["best_val_acc"] == pytest.approx(0.91) and listed["best_test_acc"] == pytest.approx(0.90)
+    detail = owner_client.get(f"/api/searches/{search.pk}/").json()
+    assert {t["number"]: t["exported"] for t in detail["trials"]} == {0: True, 1: False, 2: False}
+    assert detail["best_val_acc"] == pytest.approx(0.91)

@@ -20,6 +20,7 @@ from kd_core.search import (
     parse_space,
     static_excess,
     student_figures,
+    trial_choice,
 )
 
 DIGITS = (1, 8, 8)
@@ -71,6 +72,33 @@ def test_space_validation_and_user_lists():
         parse_space({"students": [{"arch": "cnn", "channels": [4]}]}, (20,), 3, budget)
     with pytest.raises(ConfigError, match="alpha"):
         parse_space({"alpha": [0.5, 0.2]}, DIGITS, 10, budget)
+
+
+def test_space_methods_and_logit_standardisation():
+    budget = Budget(max_params=5000)
+    space = parse_space({"method": ["dkd", "hinton", "dkd", "dist"]}, DIGITS, 10, budget)
+    assert space.methods == ["dkd", "hinton", "dist"] and space.standardize == [False]
+    assert parse_space({"method": "dist"}, DIGITS, 10, budget).methods == ["dist"]
+    assert parse_space({"logit_standardization": True}, DIGITS, 10, budget).standardize == [True]
+    both = parse_space(
+        {"method": ["hinton", "dist"], "logit_standardization": [True, False]}, DIGITS, 10, budget
+    )
+    assert both.standardize == [False, True]
+    assert both.to_dict()["method"] == ["hinton", "dist"]
+    assert both.to_dict()["logit_standardization"] == [False, True]
+    for bad, words in (
+        ({"method": ["fitnet"]}, "must list methods among hinton, dkd, dist"),
+        ({"method": []}, "must list methods"),
+        ({"method": [3]}, "must list methods"),
+        ({"logit_standardization": "on"}, "must be true, false or \\[false, true\\]"),
+        ({"logit_standardization": [1]}, "must be true, false"),
+        ({"method": ["dist"], "logit_standardization": True}, "not dist"),
+    ):
+        with pytest.raises(ConfigError, match=words):
+            parse_space(bad, DIGITS, 10, budget)
+    # a dist trial never standardises, whatever was drawn; hinton and dkd take the draw
+    assert trial_choice("dist", True) is False
+    assert trial_choice("dkd", True) is True and trial_choice("hinton", False) is False
 
 
 def test_budget_checks_name_the_figure():

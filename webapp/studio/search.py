@@ -16,7 +16,7 @@ from django.utils import timezone
 from kd_core.config import parse_config
 from kd_core.errors import ConfigError
 from kd_core.limits import name_problem
-from kd_core.search import Budget, pareto_front, parse_budget, parse_space
+from kd_core.search import Budget, pareto_front, parse_budget, parse_space, trial_choice
 from webapp.celery import app as celery_app
 from webapp.studio import services
 from webapp.studio.auth import ApiError
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 ADVANCE_TASK = "workers.advance_search"
 MAX_TRIALS = 500
 MAX_EPOCHS = 1000
+# DKD's warm-up as a share of training: the paper's 20 of 240 epochs (kd_core.config.METHOD_OPTIONS says 20).
+DKD_WARMUP_SHARE = 20 / 240
 # Fields of the experiment config a search request may set for every trial (the rest the search chooses).
 BASE_FIELDS = {
     "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "seed", "soft_loss", "augment",
@@ -94,12 +96,15 @@ def create_search(owner: Any, body: dict[str, Any]) -> Search:
             f"'config' may set only {', '.join(sorted(BASE_FIELDS))}"
             + (f"; not {', '.join(extra)}" if extra else "")
         )
-    try:  # every trial's config must parse: check with the first student
-        parse_config(
-            trial_config(base, dataset.pk, teacher.pk, epochs, space.students[0], 4.0, 0.9, name or "search")
-        )
-    except ConfigError as exc:
-        raise ApiError(f"'config': {exc}") from None
+    for method in space.methods:  # every trial's config must parse: check each method with the first student
+        try:
+            parse_config(trial_config(
+                base, dataset.pk, teacher.pk, epochs, space.students[0], 4.0, 0.9, name or "search",
+                method=method, logit_standardization=trial_choice(method, max(space.standardize)),
+            ))  # fmt: skip
+        except ConfigError as exc:
+            where = f" with method {method}" if len(space.methods) > 1 or method != "hinton" else ""
+            raise ApiError(f"'config'{where}: {exc}") from None
     with transaction.atomic():
         search = Search.objects.create(
             owner=owner, name=name or f"search-{dataset.name}", dataset=dataset, teacher=teacher,
@@ -112,13 +117,23 @@ def create_search(owner: Any, body: dict[str, Any]) -> Search:
 
 def trial_config(
     base: dict[str, Any], dataset_id: int, teacher_id: int, epochs: int, student: dict[str, Any],
-    temperature: float, alpha: float, name: str,
+    temperature: float, alpha: float, name: str, *, method: str = "hinton", logit_standardization: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """The experiment config of one trial: the request's shared fields plus what the search chose."""
-    return {
+    """The experiment config of one trial: the request's shared fields plus what the search chose.
+
+    Each method runs with its paper's options (kd_core.config.METHOD_OPTIONS), except DKD's warm-up, which is
+    the paper's share of training (20 of 240 epochs) of the trial's epochs: a short trial would otherwise end
+    before DKD's term reached its full weight. `alpha` matters to hinton only (dkd and dist weigh their terms
+    with their own options).
+    """
+    config = {
         **base, "kind": "distill", "name": name, "dataset": dataset_id, "teacher": teacher_id, "model": student,
-        "epochs": epochs, "temperature": temperature, "alpha": alpha,
+        "epochs": epochs, "temperature": temperature, "alpha": alpha, "method": method,
+        "logit_standardization": bool(logit_standardization),
     }  # fmt: skip
+    if method == "dkd":
+        config["method_options"] = {"warmup_epochs": round(epochs * DKD_WARMUP_SHARE, 4)}
+    return config
 
 
 def enqueue_advance(search_id: int, countdown: float = 0.0) -> None:
@@ -167,8 +182,10 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def trial_json(t: SearchTrial) -> dict[str, Any]:
-    return {
+def trial_json(t: SearchTrial, exported: bool | None = None) -> dict[str, Any]:
+    """One trial; `exported` (detail only): its experiment has a model to download. Only a trial on the front
+    when it finished exports; the others' weights are not kept (workers/search.py `after_run`)."""
+    out = {
         "number": t.number,
         "experiment": t.experiment_id,
         "state": t.state,
@@ -177,6 +194,20 @@ def trial_json(t: SearchTrial) -> dict[str, Any]:
         "metrics": {k: _finite(v) for k, v in (t.metrics or {}).items()},
         "reason": t.reason or None,
     }
+    if exported is not None:
+        out["exported"] = exported
+    return out
+
+
+def exported_experiments(trials: list[SearchTrial]) -> set[int]:
+    """Experiment ids among `trials` that have the experiment's model (a safetensors artifact) to download."""
+    from webapp.studio.models import Artifact
+
+    ids = [t.experiment_id for t in trials if t.experiment_id]
+    if not ids:
+        return set()
+    rows = Artifact.objects.filter(experiment_id__in=ids, kind="safetensors", replica__isnull=True)
+    return set(rows.values_list("experiment_id", flat=True))
 
 
 def cost_of(budget: dict[str, Any], t: SearchTrial) -> float | None:
@@ -201,6 +232,16 @@ def front_and_best(search: Search, trials: list[SearchTrial]) -> tuple[list[int]
     return front, (front[0] if front else None)
 
 
+def best_figures(trials: list[SearchTrial], best: int | None) -> dict[str, Any]:
+    """The best trial's accuracies for a list entry (`best_val_acc`, `best_test_acc`; None before one)."""
+    trial = next((t for t in trials if best is not None and t.experiment_id == best), None)
+    metrics = (trial.metrics or {}) if trial is not None else {}
+    return {
+        "best_val_acc": _finite(metrics.get("val_acc")),
+        "best_test_acc": _finite(metrics.get("test_acc")),
+    }
+
+
 def search_json(search: Search, detail: bool = False) -> dict[str, Any]:
     trials = list(search.trial_rows.all())
     front, best = front_and_best(search, trials)
@@ -223,6 +264,7 @@ def search_json(search: Search, detail: bool = False) -> dict[str, Any]:
         "counts": counts,
         "pareto": front,
         "best": best,
+        **best_figures(trials, best),
         "created": search.created.isoformat() if search.created else None,
         "started": search.started.isoformat() if search.started else None,
         "finished": search.finished.isoformat() if search.finished else None,
@@ -232,7 +274,8 @@ def search_json(search: Search, detail: bool = False) -> dict[str, Any]:
         out["config"] = search.base_config
         out["seed"] = search.seed
         out["pruning"] = search.pruning
-        out["trials"] = [trial_json(t) for t in trials]
+        exported = exported_experiments(trials)
+        out["trials"] = [trial_json(t, t.experiment_id in exported) for t in trials]
         out["trial_epochs"] = sum(int((t.metrics or {}).get("epochs_run") or 0) for t in trials)
     return out
 

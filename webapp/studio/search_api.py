@@ -17,7 +17,11 @@ def search_list(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         search = searches.create_search(request.user, json_body(request))
         return JsonResponse({"id": search.pk, "status": search.status}, status=201)
-    rows = Search.objects.filter(owner=request.user).select_related("dataset", "teacher")[:200]
+    rows = (
+        Search.objects.filter(owner=request.user)
+        .select_related("dataset", "teacher")
+        .prefetch_related("trial_rows")[:200]
+    )  # each entry carries its best trial's figures: the trials come in one query, not one per search
     return JsonResponse({"searches": [searches.search_json(s) for s in rows]})
 
 

@@ -78,7 +78,8 @@ class SearchTrial(models.Model):
     experiment = models.OneToOneField(
         "studio.Experiment", null=True, blank=True, on_delete=models.SET_NULL, related_name="search_trial"
     )
-    # {"student": spec, "temperature", "alpha", "method"}
+    # {"student": spec, "temperature", "alpha", "method", "logit_standardization"} (the last two absent in
+    # trials of searches made before the space had them: hinton, no standardisation)
     params = models.JSONField(default=dict)
     state = models.CharField(max_length=16, choices=STATES, default=QUEUED, db_index=True)
     # {"params", "size_bytes", "latency_ms"} of the student (latency measured on the budget's device).

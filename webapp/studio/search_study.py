@@ -106,11 +106,23 @@ def distributions(space: dict[str, Any]) -> dict[str, Any]:
             out[key] = FloatDistribution(lo, hi)
     if len(space["method"]) > 1:
         out["method"] = CategoricalDistribution(list(space["method"]))
+    if len(standardize_choices(space)) > 1:
+        out["logit_standardization"] = CategoricalDistribution([False, True])
     return out
 
 
+def standardize_choices(space: dict[str, Any]) -> list[bool]:
+    """The space's logit_standardization choices ([False] for searches stored before it existed)."""
+    return [bool(v) for v in space.get("logit_standardization", [False])]
+
+
 def ask(search: Any, asked: int) -> tuple[int, int, dict[str, Any]]:
-    """A new trial: (its number, its pruning twin's number, params with the student spec resolved)."""
+    """A new trial: (its number, its pruning twin's number, params with the student spec resolved).
+
+    `logit_standardization` in the params is what the trial runs with: a dist trial never standardises
+    (kd_core.search.trial_choice), whatever the sampler drew for it."""
+    from kd_core.search import trial_choice
+
     study = main_study(search, asked)
     trial = study.ask(distributions(search.space))
     twin = prune_study(search).ask()
@@ -121,6 +133,9 @@ def ask(search: Any, asked: int) -> tuple[int, int, dict[str, Any]]:
         "alpha": round(float(trial.params.get("alpha", space["alpha"][0])), 4),
         "method": trial.params.get("method", space["method"][0]),
     }
+    params["logit_standardization"] = trial_choice(
+        params["method"], trial.params.get("logit_standardization", standardize_choices(space)[0])
+    )
     return trial.number, twin.number, params
 
 

@@ -12,6 +12,14 @@ function budgetText(b) {
   return parts.join(", ");
 }
 
+const METHOD_NAMES = { hinton: "Hinton", dkd: "DKD", dist: "DIST" };
+const NOT_EXPORTED = "Only trials on the front when they finish export their model; this one's weights were not kept. Open its experiment for its curves and config.";
+
+function methodText(p) {
+  const m = METHOD_NAMES[p.method || "hinton"] || p.method;
+  return p.logit_standardization ? `${m} + LS` : m;
+}
+
 function studentText(s) {
   if (!s) return "";
   if (s.arch === "mlp") return `mlp [${(s.hidden || []).join(", ")}]`;
@@ -32,7 +40,7 @@ async function listPage() {
   body.replaceChildren(...rows.map((s) => el("tr", { "data-id": s.id },
     el("td", {}, el("a", { href: `/searches/${s.id}/`, text: s.name })), el("td", {}, badge(s.status)),
     el("td", {}, progressBar(s.progress, false, s.status)), el("td", { text: budgetText(s.budget) }),
-    el("td", { class: "num", text: String(s.trials_total) }), el("td", { class: "num", text: "" }),
+    el("td", { class: "num", text: String(s.trials_total) }), el("td", { class: "num best-acc", text: s.best_val_acc != null ? fmtPct(s.best_val_acc) : "" }),
     el("td", { class: "hide-sm", text: fmtDate(s.created) }))));
 }
 
@@ -62,6 +70,9 @@ async function newPage() {
     if (kind === "max_params") value = Math.round(value);
     const budget = { [kind]: value, device: $("#s-device").value };
     const space = { temperature: [Number($("#s-t-lo").value), Number($("#s-t-hi").value)], alpha: [Number($("#s-a-lo").value), Number($("#s-a-hi").value)] };
+    space.method = [...document.querySelectorAll("input[name=method]:checked")].map((c) => c.value);
+    const ls = $("#s-ls").value;
+    space.logit_standardization = ls === "both" ? [false, true] : ls === "on";
     if (document.querySelector("input[name=students]:checked").value === "list") {
       try { space.students = JSON.parse($("#s-students").value); } catch (e) { showError($("#s-error"), `The student list is not valid JSON: ${e.message}`); return; }
     } else space.students = "auto";
@@ -73,6 +84,9 @@ async function newPage() {
       location.href = `/searches/${created.id}/`;
     } catch (e) { showError($("#s-error"), e.message); }
   });
+  // Before this a submit would be the browser's own (a page reload). Not `form.dataset`: the form's control
+  // named "dataset" shadows it.
+  $("#search-form").setAttribute("data-ready", "true");
 }
 
 // ---- live view -------------------------------------------------------------------------------------
@@ -124,19 +138,26 @@ function renderSearch(s) {
   $("#s-cancel").classList.toggle("hidden", !ACTIVE.has(s.status));
   $("#s-error-box").replaceChildren(...(s.status === "failed" ? [el("div", { class: "alert error", role: "alert", text: `This search failed: ${s.error || "no reason recorded"}` })] : []));
   const best = s.trials.find((t) => t.experiment === s.best);
+  // "Use this student" leads to the downloads; a trial without an exported model gets a disabled button and why.
+  const use = best && (best.exported
+    ? el("a", { class: "btn", id: "use-student", href: `/experiments/${best.experiment}/#downloads`, text: "Use this student" })
+    : el("span", {}, el("button", { class: "btn", id: "use-student", type: "button", disabled: true, "aria-describedby": "use-student-why", text: "Use this student" }),
+      el("div", { class: "small muted", id: "use-student-why", text: NOT_EXPORTED })));
   $("#s-best").replaceChildren(...(best ? [
-    el("div", { class: "stat", id: "best-trial" }, el("div", { class: "v", text: fmtPct(best.metrics.val_acc) }), el("div", { class: "l", text: `best inside the budget: ${studentText(best.params.student)}` })),
+    el("div", { class: "stat", id: "best-trial" }, el("div", { class: "v", text: fmtPct(best.metrics.val_acc) }), el("div", { class: "l", text: `best inside the budget: ${studentText(best.params.student)}, ${methodText(best.params)}` })),
     el("div", { class: "stat" }, el("div", { class: "v", text: fmtCount(best.figures.params) }), el("div", { class: "l", text: "parameters" })),
-    el("div", { class: "stat" }, el("a", { class: "btn", id: "use-student", href: `/experiments/${best.experiment}/#downloads`, text: "Use this student" })),
+    el("div", { class: "stat" }, use),
   ] : []));
-  $("#trial-table tbody").replaceChildren(...s.trials.filter((t) => t.state !== "over_budget").map((t) => el("tr", { "data-state": t.state, class: t.state === "pruned" ? "muted" : "" },
+  $("#trial-table tbody").replaceChildren(...s.trials.filter((t) => t.state !== "over_budget").map((t) => el("tr", { "data-state": t.state, "data-exported": t.exported ? "true" : "false", class: t.state === "pruned" ? "muted" : "" },
     el("td", { class: "num", text: String(t.number) }), el("td", {}, badge(t.state)), el("td", { text: studentText(t.params.student) }),
-    el("td", { class: "num", text: fmtNum(t.params.temperature, 3) }), el("td", { class: "num", text: fmtNum(t.params.alpha, 3) }),
+    el("td", { class: "num", text: fmtNum(t.params.temperature, 3) }), el("td", { class: "num", text: fmtNum(t.params.alpha, 3) }), el("td", { class: "method", text: methodText(t.params) }),
     el("td", { class: "num", text: fmtCount(t.figures.params) }), el("td", { class: "num hide-sm", text: t.figures.size_bytes ? fmtBytes(t.figures.size_bytes) : "" }),
     el("td", { class: "num hide-sm", text: t.figures.latency_ms != null ? `${fmtNum(t.figures.latency_ms, 3)} ms` : "" }),
     el("td", { class: "num", text: fmtPct(t.metrics.val_acc ?? t.metrics.val_acc_last) }), el("td", { class: "num hide-sm", text: fmtPct(t.metrics.test_acc) }),
     el("td", { class: "num hide-sm", text: t.metrics.epochs_run ?? t.metrics.epoch ?? "" }),
-    el("td", {}, t.experiment ? el("a", { href: `/experiments/${t.experiment}/`, text: "open" }) : ""))));
+    el("td", {}, t.experiment ? el("a", { href: `/experiments/${t.experiment}/`, text: "open" }) : "",
+      t.exported ? [" · ", el("a", { class: "use", href: `/experiments/${t.experiment}/#downloads`, text: "use" })]
+        : ["complete", "pruned"].includes(t.state) ? [" · ", el("span", { class: "muted small no-model", title: NOT_EXPORTED, text: "no model" })] : ""))));
   const over = s.trials.filter((t) => t.state === "over_budget");
   $("#s-over-card").classList.toggle("hidden", !over.length);
   $("#s-over").replaceChildren(...over.map((t) => el("li", { text: `#${t.number} ${studentText(t.params.student)}: ${t.reason}` })));
