@@ -8,7 +8,8 @@
   noise, so a model can learn it) ingested by kd_core.data.store.ingest in a child process: images/s and
   that process's peak RSS (VmHWM);
 - store read: Dataset.read of random training batches of 256 from that store;
-- loader: kd_core.data.loader.make_batches with flip_crop on the CPU, images/s for 1 and 2 workers.
+- loader: kd_core.data.loader.make_batches with flip_crop on the CPU, batches of 256 at 224 px: images/s
+  and images per CPU-second (per core) for 1 and 2 workers (30 steps, crossing epochs if the set is small).
 Run: `python -m bench bench_scale` (or `make bench`), or `python -m bench.bench_scale --images 30000`.
 """
 
@@ -148,7 +149,12 @@ def bench_store_read(store: Path, n_batches: int) -> float:
     return _rate(lambda idx: ds.read("train", idx), batches)
 
 
-def bench_loader(store: Path, workers: int, steps: int) -> float | None:
+def bench_loader(store: Path, workers: int, steps: int) -> tuple[float, float] | None:
+    """(images/s, images per CPU-second of this process) of make_batches with flip_crop on the CPU.
+
+    The second is the per-core figure: it holds when other processes share the cores, and times the
+    cores a GPU worker gives its loader threads gives the rate it can feed.
+    """
     try:
         from kd_core.data.loader import make_batches
     except ImportError:
@@ -160,15 +166,14 @@ def bench_loader(store: Path, workers: int, steps: int) -> float | None:
         ds, "train", batch_size=BATCH, seed=0, device="cpu", augment="flip_crop", workers=workers,
         resident_max_bytes=0,
     )  # fmt: skip
-    steps = min(steps, batches.steps_per_epoch)
-    batches.get(0)
-    start = time.perf_counter()
+    batches.get(0)  # steps past the first epoch read the next epoch's order: every step is a full batch
+    start, cpu = time.perf_counter(), time.process_time()
     for step in range(1, steps):
         batches.get(step)
-    took = time.perf_counter() - start
+    took, cpu = time.perf_counter() - start, time.process_time() - cpu
     if hasattr(batches, "close"):
         batches.close()
-    return (steps - 1) * BATCH / took
+    return (steps - 1) * BATCH / took, (steps - 1) * BATCH / cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             ["ingest ZIP of JPEGs (images/s)", ingest["images_per_s"]],
             ["ingest peak RSS (MiB)", ingest["peak_rss_mib"]],
             ["store read, 1 thread (images/s)", read],
-            *[[f"loader flip_crop, {w} worker(s) (images/s)", v] for w, v in loader.items() if v is not None],
+            *[[f"loader flip_crop, {w} worker(s) (images/s)", v[0]] for w, v in loader.items() if v],
+            *[[f"loader flip_crop, {w} worker(s) (images/CPU-s)", v[1]] for w, v in loader.items() if v],
         ]
         print_table(["measure", "value"], rows)
         path = write_result(
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                 "formats_images_per_s_per_core": formats,
                 "ingest": ingest,
                 "store_read_images_per_s": read,
-                "loader_flip_crop_images_per_s": {str(w): v for w, v in loader.items()},
+                "loader_flip_crop_images_per_s": {str(w): v and v[0] for w, v in loader.items()},
+                "loader_flip_crop_images_per_cpu_s": {str(w): v and v[1] for w, v in loader.items()},
                 "cpu_count": os.cpu_count(),
             },
         )

@@ -50,12 +50,22 @@ RELAY_PERIOD_S = 0.2
 
 
 def save_dataset(dataset: Any, folder: Path) -> None:
-    """Arrays to an .npz, everything else to JSON: what a worker process needs to rebuild the Dataset."""
+    """What a worker process needs to rebuild the Dataset: arrays to an .npz, everything else to JSON.
+
+    A dataset over a store (its splits SplitViews of the store's x.npy) is saved as the store's path
+    and each split's row numbers: the worker reads the store itself, and nothing of x is copied.
+    """
+    from kd_core.data.dataset import SplitView
+
     folder.mkdir(parents=True, exist_ok=True)
     arrays, meta = {}, {}
     for f in dataclasses.fields(dataset):
         value = getattr(dataset, f.name)
-        if isinstance(value, np.ndarray):
+        if isinstance(value, SplitView) and getattr(dataset, "store_path", None):
+            arrays[f.name + _STORE_ROWS] = value.index
+        elif isinstance(value, SplitView):  # rows of an array with no store behind it: as float32
+            arrays[f.name] = np.asarray(value)
+        elif isinstance(value, np.ndarray):
             arrays[f.name] = value
         elif f.name != "info":  # loader notes: free-form, not needed for training
             meta[f.name] = list(value) if isinstance(value, tuple) else value
@@ -63,14 +73,22 @@ def save_dataset(dataset: Any, folder: Path) -> None:
     (folder / "meta.json").write_text(json.dumps(meta, default=str))
 
 
+_STORE_ROWS = "__store_rows"  # suffix of a split saved as row numbers of the store's x.npy
+
+
 def load_saved_dataset(folder: Path) -> Any:
     """The Dataset `save_dataset` wrote (our own files: numpy without pickle, plain JSON)."""
-    from kd_core.data.dataset import Dataset
+    from kd_core.data.dataset import Dataset, RowFile, SplitView
 
     meta = json.loads((folder / "meta.json").read_text())
     with np.load(folder / "arrays.npz", allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}
     meta["input_shape"] = tuple(meta["input_shape"])
+    rows = [k for k in arrays if k.endswith(_STORE_ROWS)]
+    if rows:
+        x = RowFile(Path(meta["store_path"]) / "x.npy")
+        for key in rows:
+            arrays[key[: -len(_STORE_ROWS)]] = SplitView(x, arrays.pop(key), float(meta.get("x_scale", 1.0)))
     return Dataset(**meta, **arrays)
 
 

@@ -1,10 +1,11 @@
-"""Batches from a dataset split: resumable order, device-resident or streamed by threads, augmentation on the device."""
+"""Batches from a dataset split: resumable order, device-resident or streamed by reader threads, augmented."""
 
 from __future__ import annotations
 
 import math
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,8 @@ from kd_core.errors import ConfigError, DatasetError
 # A split whose float32 form fits under this stays on the device whole (digits- and CIFAR-sized data):
 # a batch is then one index into a tensor. Larger splits are read batch by batch from the store.
 RESIDENT_MAX_BYTES = int(os.environ.get("KD_RESIDENT_MAX_MB", "1024")) * 1024 * 1024
+# Reader threads of a streamed split (read, crop and flip, convert): README "Sizing loader workers".
+LOADER_WORKERS = int(os.environ.get("KD_LOADER_WORKERS", "0")) or min(4, os.cpu_count() or 1)
 NOISE_SCALE = 0.1  # "noise" augmentation: gaussian noise at this fraction of each feature's std
 _READ_CHUNK = 4096  # rows per read when a split is moved to the device whole or summed
 
@@ -83,25 +86,144 @@ def sample_inputs(dataset: Any, n: int = 16, splits: tuple[str, ...] = ("test", 
 # --------------------------------------------------------------------------- augmentation (on the device)
 
 
-def flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random crop after zero padding (4 px at 32 px, scaled to the image size) and a random h-flip."""
-    b, c, h, w = x.shape
-    pad = max(1, min(4, h // 8, w // 8))
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dev = x.device
+def flip_crop_pad(h: int, w: int) -> int:
+    """flip_crop's zero padding: 4 px at 32 px and above, less for small images (at least 1)."""
+    return max(1, min(4, h // 8, w // 8))
+
+
+def flip_crop_params(
+    b: int, h: int, w: int, generator: torch.Generator
+) -> tuple[int, Tensor, Tensor, Tensor]:
+    """(pad, row offsets, column offsets, flips) of `b` samples, drawn on the generator's device."""
+    pad = flip_crop_pad(h, w)
+    dev = generator.device
     oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
     ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
     flip = torch.rand((b, 1), generator=generator, device=dev) < 0.5
+    return pad, oy, ox, flip
+
+
+def flip_crop(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random crop after zero padding (4 px at 32 px, scaled to the image size) and a random h-flip."""
+    b, _, h, w = x.shape
+    return apply_flip_crop(x, *flip_crop_params(b, h, w, generator))
+
+
+def to_float_np(x: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 model inputs from raw rows in one pass (numpy: no GIL, no fresh float copy first)."""
+    if x.dtype == np.float32 and scale == 1.0:
+        return x
+    return np.multiply(x, np.float32(scale), out=out, dtype=np.float32, casting="unsafe")
+
+
+class HostBuffers:
+    """A few reusable host arrays for batches, handed out as views and reused once every view is gone.
+
+    Writing a batch into memory the process already has is about twice as fast as into a fresh
+    allocation (the page faults of a 150 MB float32 batch at 224 px cost as much as the conversion).
+    A buffer is free again when the view handed out (and so every tensor made from it with
+    torch.from_numpy) has been released: a batch kept by the caller is never overwritten.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, int(limit))
+        self._bufs: list[list[Any]] = []  # [array, weakref to the view handed out, or None]
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        with self._lock:
+            free = [e for e in self._bufs if e[1] is None or e[1]() is None]
+            entry = next((e for e in free if e[0].shape == shape and e[0].dtype == dtype), None)
+            if entry is None:
+                if len(self._bufs) >= self.limit:
+                    if not free:  # all in use: an ordinary allocation, not kept
+                        return np.empty(shape, dtype)
+                    self._bufs.remove(free[0])  # another shape (the short last batch): replaced
+                entry = [np.empty(shape, dtype), None]
+                self._bufs.append(entry)
+            view = entry[0].view()
+            entry[1] = weakref.ref(view)
+            return view
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bufs.clear()
+
+
+def _to_float(x: Tensor, scale: float) -> Tensor:
+    """Raw rows as float32 model inputs (raw * scale), on the tensor's device."""
+    if x.device.type == "cpu" and not x.requires_grad and x.dtype in (torch.uint8, torch.float32):
+        return torch.from_numpy(to_float_np(x.numpy(), scale))
+    x = x.float()
+    return x * scale if scale != 1.0 else x
+
+
+def flip_crop_np(
+    x: np.ndarray,
+    pad: int,
+    oy: np.ndarray,
+    ox: np.ndarray,
+    flip: np.ndarray,
+    scale: float | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """flip_crop of a host batch (N, C, H, W) by slice copies (no padded copy, no index arrays).
+
+    With `scale` the crop is written as float32 raw * scale in the same pass (what the model reads);
+    without, in the batch's dtype. Each sample is one strided copy plus its zero borders.
+    """
+    b, c, h, w = x.shape
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32 if scale is not None else x.dtype)
+    s32 = np.float32(1.0 if scale is None else scale)
+    oy, ox, flip = np.asarray(oy).reshape(-1), np.asarray(ox).reshape(-1), np.asarray(flip).reshape(-1)
+    for i in range(b):
+        dy, dx = int(oy[i]) - pad, int(ox[i]) - pad
+        r0, r1 = max(0, -dy), min(h, h - dy)  # output rows that show image rows (the rest is padding)
+        c0, c1 = max(0, -dx), min(w, w - dx)
+        dest = out[i][:, :, ::-1] if flip[i] else out[i]  # a flip is a crop written right to left
+        src = x[i, :, r0 + dy : r1 + dy, c0 + dx : c1 + dx]
+        if scale is None:
+            dest[:, r0:r1, c0:c1] = src
+        else:
+            np.multiply(src, s32, out=dest[:, r0:r1, c0:c1], casting="unsafe")
+        if r0:
+            dest[:, :r0] = 0
+        if r1 < h:
+            dest[:, r1:] = 0
+        if c0:
+            dest[:, :, :c0] = 0
+        if c1 < w:
+            dest[:, :, c1:] = 0
+    return out
+
+
+def apply_flip_crop(
+    x: Tensor, pad: int, oy: Tensor, ox: Tensor, flip: Tensor, scale: float | None = None
+) -> Tensor:
+    """flip_crop with given offsets and flips; with `scale`, the result is float32 raw * scale.
+
+    On the CPU: slice copies in numpy (`flip_crop_np`); elsewhere one gather per batch.
+    """
+    b, c, h, w = x.shape
+    if x.device.type == "cpu" and not x.requires_grad and x.dtype in (torch.uint8, torch.float32):
+        return torch.from_numpy(flip_crop_np(x.numpy(), pad, oy.cpu().numpy(), ox.cpu().numpy(),
+                                             flip.cpu().numpy(), scale))  # fmt: skip
+    dev = x.device
+    oy, ox, flip = oy.to(dev).view(b, 1), ox.to(dev).view(b, 1), flip.to(dev).view(b, 1)
+    padded = F.pad(x, (pad, pad, pad, pad))
     cols = torch.arange(w, device=dev).unsqueeze(0)
     cols = ox + torch.where(flip, (w - 1) - cols, cols)
     rows = oy + torch.arange(h, device=dev).unsqueeze(0)
     # One gather per batch: index [B, C, H, W] from per-sample row and column offsets.
-    return padded[
+    out = padded[
         torch.arange(b, device=dev)[:, None, None, None],
         torch.arange(c, device=dev)[None, :, None, None],
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]
+    return out if scale is None else _to_float(out, scale)
 
 
 def feature_std(dataset: Any, split: str = "train") -> np.ndarray:
@@ -205,6 +327,9 @@ class Batches:
             if isinstance(augment, str) or augment is None
             else augment
         )
+        # flip_crop runs on the raw batch before the float conversion (a quarter of the bytes for
+        # uint8), in the reader threads when streamed, its offsets drawn on the CPU for every device.
+        self._crop = self.augment is flip_crop
         self.rank, self.world = part
         self.scale = x_scale(dataset)
         self.labeled = has_labels(dataset, split)
@@ -217,12 +342,14 @@ class Batches:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
         self.prefetch = max(0, int(prefetch))
+        # The batches in flight: prefetched (or being read) and held by the caller (this step and the last).
+        self._buffers = HostBuffers(self.prefetch + 2)
         self._pin = self.device.type == "cuda"
         if self.resident:
             self._x, self._y = self._whole_on_device()
         else:
             # numpy releases the GIL while copying memory-mapped rows, so threads read in parallel.
-            n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+            n_workers = workers if workers is not None else LOADER_WORKERS
             self._pool = ThreadPoolExecutor(max(1, n_workers), thread_name_prefix=f"kd-loader-{split}")
 
     # -- order -------------------------------------------------------------------------------
@@ -275,9 +402,26 @@ class Batches:
         y = torch.cat(ys) if ys and self.labeled else None
         return x, y
 
-    def _read(self, idx: np.ndarray) -> tuple[Tensor, Tensor | None]:
+    def _crop_params(self, step: int, b: int, h: int, w: int) -> tuple[int, Tensor, Tensor, Tensor]:
+        generator = torch.Generator().manual_seed(seed_of(self.seed, step, self.rank, 1))
+        return flip_crop_params(b, h, w, generator)
+
+    def _read(self, idx: np.ndarray, step: int) -> tuple[Tensor, Tensor | None]:
+        """Batch `step` on the host, in a reader thread: read, crop and flip, and (for the CPU) to float32.
+
+        For a GPU the batch stays raw (uint8 crosses the bus at a quarter of float32's bytes) and is
+        converted there.
+        """
         x, y = read_rows(self.dataset, self.split, idx)
-        xt = torch.from_numpy(np.ascontiguousarray(x))
+        x = np.ascontiguousarray(x)
+        scale = self.scale if self.device.type == "cpu" else None
+        if self._crop and len(x):
+            pad, oy, ox, flip = self._crop_params(step, *(x.shape[0], *x.shape[2:]))
+            out = self._buffers.take(x.shape, np.float32 if scale is not None else x.dtype)
+            x = flip_crop_np(x, pad, oy.numpy(), ox.numpy(), flip.numpy(), scale, out)
+        elif scale is not None and not (x.dtype == np.float32 and scale == 1.0):
+            x = to_float_np(x, scale, self._buffers.take(x.shape, np.float32))
+        xt = torch.from_numpy(x)
         yt = None if y is None or not self.labeled else torch.from_numpy(np.asarray(y, dtype=np.int64))
         if self._pin:  # page-locked, so the copy to the GPU runs asynchronously
             xt = xt.pin_memory()
@@ -286,11 +430,10 @@ class Batches:
 
     def _submit(self, step: int) -> None:
         if self._pool is not None and step not in self._pending and step < self._horizon:
-            self._pending[step] = self._pool.submit(self._read, self.part_indices(step))
+            self._pending[step] = self._pool.submit(self._read, self.part_indices(step), step)
 
     def _to_input(self, x: Tensor) -> Tensor:
-        x = x.float()
-        return x * self.scale if self.scale != 1.0 else x
+        return x if x.dtype == torch.float32 and self.scale == 1.0 else _to_float(x, self.scale)
 
     def get(self, step: int) -> tuple[Tensor, Tensor | None, Tensor]:
         """(x float32 on the device, y int64 or None, sample indices int64) of batch `step`."""
@@ -298,18 +441,27 @@ class Batches:
         idx = torch.from_numpy(idx_np.copy()).to(self.device, non_blocking=True)
         if self.resident:
             assert self._x is not None
-            x = self._to_input(self._x[idx])
+            raw = self._x[idx]
+            if self._crop and len(idx_np):
+                x = apply_flip_crop(raw, *self._crop_params(step, len(raw), *raw.shape[2:]), self.scale)
+            else:
+                x = self._to_input(raw)
             y = self._y[idx] if self._y is not None else None
         else:
             future = self._pending.pop(step, None)
-            x_host, y_host = future.result() if future is not None else self._read(idx_np)
+            x_host, y_host = future.result() if future is not None else self._read(idx_np, step)
             for old in [s for s in self._pending if s < step]:  # a jump (resume): drop stale reads
                 self._pending.pop(old).cancel()
             for ahead in range(step + 1, step + 1 + self.prefetch):
                 self._submit(ahead)
-            x = self._to_input(x_host.to(self.device, non_blocking=True))
+            # On the CPU the reader thread has already made the float32 inputs.
+            x = (
+                x_host
+                if self.device.type == "cpu"
+                else self._to_input(x_host.to(self.device, non_blocking=True))
+            )
             y = y_host.to(self.device, non_blocking=True) if y_host is not None else None
-        if self.augment is not None and len(idx_np):
+        if self.augment is not None and not self._crop and len(idx_np):
             generator = torch.Generator(device=self.device).manual_seed(
                 seed_of(self.seed, step, self.rank, 1)
             )
@@ -332,6 +484,7 @@ class Batches:
             self._pending.clear()
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._buffers.clear()
 
     def __del__(self) -> None:  # a forgotten close must not leave threads behind
         try:
