@@ -74,7 +74,7 @@ def test_first_page_offers_distil_and_the_card_states_the_result(browser, stack,
             assert lo <= hi, spread
         card_note = page.inner_text("#card-note")
         assert re.search(
-            r"median of [\d,]+ single-sample CPU calls .*\(batch size 1, \d+ CPU threads?\)", card_note
+            r"median of [\d.,]+k? single-sample CPU calls .*\(batch size 1, \d+ CPU threads?\)", card_note
         )
         assert "p10–p90" in card_note
         # An 8-unit MLP student: the card says its time is mostly per-call overhead, not arithmetic.
