@@ -275,27 +275,30 @@ def measure_latency(
     repeats: int = 30,
 ) -> float:
     """Median milliseconds for one sample at `input_shape` through `spec` (random init: cost does not
-    depend on the weights) on `device`, after a warm-up."""
+    depend on the weights) on `device`, after a warm-up. On CPU it is the model card's measurement
+    (`kd_core.models.wrap.cpu_latency`: one thread, time-bounded), so a budget and a card agree."""
     import torch
 
     from kd_core.models import build_model
+    from kd_core.models.wrap import cpu_latency
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("the budget names device cuda, but the worker measuring latency has no CUDA device")
     model = build_model(spec, tuple(input_shape), int(num_classes)).to(dev).eval()
     x = torch.zeros((1, *input_shape), device=dev)
+    if dev.type != "cuda":
+        with torch.no_grad():
+            return float(cpu_latency(model, x)["median_ms"])
     times = []
     with torch.no_grad():
         for _ in range(5):
             model(x)
         for _ in range(max(1, repeats)):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            torch.cuda.synchronize(dev)
             start = time.perf_counter()
             model(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            torch.cuda.synchronize(dev)
             times.append((time.perf_counter() - start) * 1000.0)
     return float(statistics.median(times))
 
