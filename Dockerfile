@@ -42,7 +42,7 @@ COPY --from=assets /app/node_modules ./node_modules
 USER kd
 EXPOSE 8000
 CMD ["uvicorn", "--host", "0.0.0.0", "--port", "8000", "--lifespan", "off", "--http", "h11", \
-     "--ws", "websockets-sansio", "--ws-max-size", "65536", "--no-proxy-headers", \
+     "--ws", "websockets-sansio", "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--no-proxy-headers", \
      "--timeout-graceful-shutdown", "10", "webapp.asgi:application"]
 
 FROM torch-cuda AS cuda

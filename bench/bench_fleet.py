@@ -1,14 +1,16 @@
 """The web tier at fleet scale, on loopback: metrics ingest, live fan-out latency, nothing lost or duplicated.
 
-A real stack per web-process count: PostgreSQL when DATABASE_URL names a server (a private database
-`kd_fleet_<hex>`, dropped at the end; SQLite otherwise), a private redis-server, uvicorn with the production
-command (tests/stack.py WEB_CMD) plus `--workers N`. Per configuration:
+A real stack per web-process count (bench/fleet_stack.py, shared with tests/integration/test_fleet_*.py):
+PostgreSQL when DATABASE_URL names a server (a private database `kd_it_<hex>`, dropped at the end; SQLite
+otherwise), a private redis-server, uvicorn with the production command (tests/stack.py WEB_CMD) plus
+`--workers N` (and KD_BENCH_FLEET_UVICORN's extra flags). Per configuration:
 - W reporting workers: processes (`--role worker`) that set up Django and log through the REAL metrics sink
   (workers/sink.py DbChannelSink) to their own experiment, `series` values per step at `rate` steps/s
   (0: as fast as the sink takes them), for at most `seconds`;
 - S WebSocket clients (`--role clients` processes; real sockets, token auth), spread over the experiments;
-  each one reads /metrics/ after connecting (like the page), merges live points by (series, step),
-  reconnects when closed, and at the end merges /metrics/?since=<last contiguous step>.
+  each one behaves like the page (webapp/static/kd/experiment.js): reads /metrics/ after connecting, merges
+  live points by (series, step), on a close reconnects (jittered backoff) and reads /metrics/?since=<newest
+  step - 1>; at the end the harness merges /metrics/?since=<last contiguous step> for what is still missing.
 It reports points/s written to the database (rows / worker wall time), p50/p95/p99 from the trainer handing a
 point to the sink to a client receiving it, web (and Redis) CPU seconds per wall second and peak RSS, and
 points lost / duplicated after the merge (both must be 0; a live point received twice counts as a duplicate
@@ -25,20 +27,16 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from bench.fleet_stack import ROOT, Sampler, count_rows, make_experiments, proc_stat, start_stack
 
 
 @dataclass
@@ -66,6 +64,11 @@ def default_configs(scale: float, seconds: float, web: list[int]) -> list[Config
     return configs
 
 
+def series_names(series: int, width: int = 0) -> list[str]:
+    """The workers' series: s0, s1, ... padded with "_" to `width` characters (larger frames per value)."""
+    return [f"s{i}".ljust(width, "_") for i in range(series)]
+
+
 # ---- worker role: the real sink ----------------------------------------------------------------------------
 def worker_main(args: argparse.Namespace) -> None:
     import django
@@ -75,7 +78,7 @@ def worker_main(args: argparse.Namespace) -> None:
     from workers.sink import DbChannelSink
 
     sink = DbChannelSink(args.experiment)
-    names = [f"s{i}" for i in range(args.series)]
+    names = series_names(args.series, args.name_width)
     start, t0 = time.time(), time.monotonic()
     steps = 0
     for step in range(args.steps):
@@ -85,12 +88,35 @@ def worker_main(args: argparse.Namespace) -> None:
                 time.sleep(wait)
         if time.monotonic() - t0 > args.seconds:
             break
-        sink.log(step, {name: step + i / 10 for i, name in enumerate(names)})
+        sink.log(step, {name: step + i / 7 for i, name in enumerate(names)})
         steps = step + 1
     sink.close()
     out = {"experiment": args.experiment, "steps": steps, "rows": sink.rows_written, "start": start,
-           "end": time.time()}  # fmt: skip
+           "end": time.time(), "peak_buffered": sink.peak_buffered, "live_dropped": sink.live_dropped}  # fmt: skip
     Path(args.out).write_text(json.dumps(out))
+
+
+def spawn_worker(
+    stack: Any,
+    experiment: int,
+    *,
+    steps: int,
+    rate: float,
+    series: int,
+    seconds: float,
+    out: Path,
+    name_width: int = 0,
+    log: Path | None = None,
+) -> subprocess.Popen:
+    """A reporting worker process (`--role worker`): the real sink, its totals written to `out` at the end
+    (its output to the file `log` when given)."""
+    cmd = [sys.executable, "-m", "bench.bench_fleet", "--role", "worker", "--experiment", str(experiment),
+           "--steps", str(steps), "--rate", str(rate), "--series", str(series), "--seconds", str(seconds),
+           "--name-width", str(name_width), "--out", str(out)]  # fmt: skip
+    if log is None:
+        return subprocess.Popen(cmd, cwd=ROOT, env=stack.env)
+    with open(log, "ab") as sink_log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=stack.env, stdout=sink_log, stderr=subprocess.STDOUT)
 
 
 # ---- clients role: real sockets ----------------------------------------------------------------------------
@@ -106,6 +132,8 @@ class Watcher:
         self.closes: dict[str, int] = {}
         self.messages = 0
         self.connected = asyncio.Event()
+        self.history_loaded = False
+        self.history_reads: list[int | None] = []  # the `since` of each read on (re)connect
 
     def _fetch(self, since: int | None) -> dict:
         query = "" if since is None else f"?since={since}"
@@ -116,13 +144,27 @@ class Watcher:
         with urllib.request.urlopen(req, timeout=60) as r:
             return json.loads(r.read())
 
-    async def merge_history(self, since: int | None) -> None:
+    async def merge_history(self, since: int | None) -> bool:
         try:
             body = await asyncio.to_thread(self._fetch, since)
-        except OSError:
-            return  # the next reconnect, or the final merge, reads it again
+        except (OSError, ValueError):
+            return False  # the next reconnect, or the final merge, reads it again
         for name, points in body.get("series", {}).items():
             self.history.update((name, int(p[0])) for p in points)
+        return True
+
+    def resume_step(self) -> int | None:
+        """Like the page (webapp/static/kd/experiment.js resumeStep): after a reconnect, read the steps after
+        the oldest "newest step" among the series that came live, less one; the whole history until one full
+        read succeeded."""
+        if not self.history_loaded:
+            return None
+        newest: dict[str, int] = {}
+        for name, step in (*self.seen, *self.history):
+            newest[name] = max(step, newest.get(name, step))
+        live = {name for name, _ in self.seen} or set(newest)
+        last = min((newest[name] for name in live if name in newest), default=None)
+        return None if last is None else max(-1, last - 1)
 
     def _take(self, points: list[dict], now: float) -> None:
         for p in points:
@@ -134,17 +176,24 @@ class Watcher:
                     self.latencies.append(now - float(p["time"]))
 
     async def run(self, stop: asyncio.Event, deadline: float) -> None:
+        import random
+
         from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed
+        from websockets.exceptions import ConnectionClosed, WebSocketException
 
         ws_url = self.url.replace("http://", "ws://", 1) + f"/ws/experiments/{self.experiment}/"
         headers = {"Authorization": f"Token {self.token}"}
+        backoff = 0.5
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 async with connect(ws_url, additional_headers=headers, max_size=2**24, open_timeout=30) as ws:
                     self.connected.set()
-                    # Like the page: history first (merged), then live points.
-                    await self.merge_history(None)
+                    backoff = 0.5
+                    # Like the page: the history (after a reconnect, what was missed) merged with live points.
+                    since = self.resume_step()
+                    self.history_reads.append(since)
+                    if await self.merge_history(since) and since is None:
+                        self.history_loaded = True
                     # One plain receive loop (cheap: the client must not be the bottleneck it measures); a
                     # watcher closes the socket at the stop or the deadline.
                     watcher = asyncio.create_task(self._close_when(ws, stop, deadline))
@@ -162,13 +211,14 @@ class Watcher:
                     if stop.is_set() or time.monotonic() >= deadline:
                         return
                     raise ConnectionClosed(ws.close_rcvd, ws.close_sent)
-            except (ConnectionClosed, OSError, TimeoutError) as exc:
+            except (WebSocketException, OSError, TimeoutError) as exc:
+                # Closed (4408, 4409, a restart) or refused (HTTP 500 while Redis is down): back off, reconnect.
                 code = getattr(getattr(exc, "rcvd", None), "code", None)
-                self.closes[str(code or type(exc).__name__)] = (
-                    self.closes.get(str(code or type(exc).__name__), 0) + 1
-                )
+                key = str(code or type(exc).__name__)
+                self.closes[key] = self.closes.get(key, 0) + 1
                 self.reconnects += 1
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 8.0)
 
     @staticmethod
     async def _close_when(ws: Any, stop: asyncio.Event, deadline: float) -> None:
@@ -182,8 +232,8 @@ class Watcher:
         return expected.issubset(self.seen.keys())
 
 
-def _expected(steps: int, series: int) -> set[tuple[str, int]]:
-    return {(f"s{i}", s) for s in range(steps) for i in range(series)}
+def _expected(steps: int, series: int, width: int = 0) -> set[tuple[str, int]]:
+    return {(name, s) for s in range(steps) for name in series_names(series, width)}
 
 
 async def _clients(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,125 +310,7 @@ def clients_main(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(result))
 
 
-# ---- the orchestrator --------------------------------------------------------------------------------------
-def _proc_stat(pid: int) -> tuple[float, int]:
-    """(CPU seconds, RSS bytes) of one process; (0, 0) once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0, 0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[21]) * PAGE
-
-
-class Sampler:
-    """CPU seconds and peak RSS of a process tree (the web server and its workers), sampled every 0.25 s."""
-
-    def __init__(self, root_pid: int) -> None:
-        self.root = root_pid
-        self.peak_rss = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def pids(self) -> list[int]:
-        from tests.stack import descendants
-
-        return [self.root, *descendants(self.root)]
-
-    def cpu(self) -> float:
-        return sum(_proc_stat(p)[0] for p in self.pids())
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.25):
-            self.peak_rss = max(self.peak_rss, sum(_proc_stat(p)[1] for p in self.pids()))
-
-    def __enter__(self) -> Sampler:
-        self.cpu0, self.t0 = self.cpu(), time.monotonic()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.cpu_per_s = (self.cpu() - self.cpu0) / max(1e-9, time.monotonic() - self.t0)
-
-
-def _start_stack(tmp: Path, web: int, extra_env: dict[str, str] | None = None) -> Any:
-    """uvicorn (`web` processes) + private Redis + migrated database; no Celery worker (the bench is one)."""
-    from tests.stack import WEB_CMD, Stack, _postgres_database, free_port
-    from webapp import redis_server
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KD_", "DJANGO_", "WEB_CONCURRENCY"))}
-    env.update(
-        DJANGO_SETTINGS_MODULE="webapp.settings",
-        MEDIA_ROOT=str(tmp / "media"),
-        KD_STATE_DIR=str(tmp / "state"),
-        SECRET_KEY="bench-fleet-" + secrets.token_hex(8),
-        ALLOWED_HOSTS="127.0.0.1,localhost",
-        KD_HEALTHZ_MIN_WORKERS="0",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    for key in ("KD_SINK_FLUSH_MS", "KD_CHANNEL_LAYER"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    env.update(extra_env or {})
-    stack = Stack(tmp_dir=tmp, url=f"http://127.0.0.1:{port}", port=port, redis_url="", env=env)
-    try:
-        db_url = os.environ.get("DATABASE_URL", "")
-        if db_url.startswith(("postgres://", "postgresql://")):
-            env["DATABASE_URL"], drop = _postgres_database(db_url)
-            stack._cleanups.append(drop)
-        else:
-            env["DATABASE_URL"] = f"sqlite:///{tmp / 'db.sqlite3'}"
-        server = redis_server.start(tmp / "redis", persist=False, reuse=False)
-        stack.redis_url = env["REDIS_URL"] = server.url
-        stack.redis_pid = server.pid
-        stack._cleanups.append(server.stop)
-        stack.manage("migrate", "--noinput", timeout=300)
-        cmd = [a.replace("{port}", str(port)) for a in WEB_CMD]
-        if web > 1:
-            cmd[-1:-1] = ["--workers", str(web)]
-        stack._spawn("web", cmd)
-        stack.wait_healthy(workers=0)
-        stack.token = stack.make_user("fleet", "pw-" + secrets.token_hex(8))
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
-
-
-_MAKE = """
-import json, os
-from django.contrib.auth import get_user_model
-from webapp.studio.models import Experiment
-u = get_user_model().objects.get(username="fleet")
-ids = [Experiment.objects.create(owner=u, name=f"fleet {i}", kind="train", config={"kind": "train"},
-       status=Experiment.RUNNING).pk for i in range(int(os.environ["KD_FLEET_N"]))]
-print(json.dumps(ids))
-"""
-
-_COUNT = """
-import json, os
-from django.db.models import Count
-from webapp.studio.models import MetricPoint
-ids = json.loads(os.environ["KD_FLEET_IDS"])
-rows = MetricPoint.objects.filter(experiment_id__in=ids)
-dups = rows.values("experiment_id", "name", "step").annotate(n=Count("id")).filter(n__gt=1).count()
-print(json.dumps({"rows": rows.count(), "duplicate_rows": dups}))
-"""
-
-
-def _shell(stack: Any, code: str, **env: str) -> Any:
-    res = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env={**stack.env, **env},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr[-2000:])
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
+# ---- the orchestrator (the stack itself: bench/fleet_stack.py) ---------------------------------------------
 def _quantile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -387,7 +319,7 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 def run_config(stack: Any, cfg: Config, tmp: Path) -> dict[str, Any]:
-    ids = _shell(stack, _MAKE, KD_FLEET_N=str(cfg.workers))
+    ids = make_experiments(stack, cfg.workers)
     run_dir = Path(tempfile.mkdtemp(dir=tmp, prefix="run-"))
     steps = int(cfg.rate * cfg.seconds) + 1 if cfg.rate > 0 else 10**9
     deadline = cfg.seconds + 90
@@ -411,32 +343,13 @@ def run_config(stack: Any, cfg: Config, tmp: Path) -> dict[str, Any]:
     while time.monotonic() < wait_until and not all((run_dir / f"ready{k}").exists() for k in range(n_procs)):
         time.sleep(0.1)
     sampler = Sampler(stack.procs["web"].pid)
-    redis_cpu0 = _proc_stat(stack.redis_pid)[0]
+    redis_cpu0 = proc_stat(stack.redis_pid)[0]
     with sampler:
         workers = [
-            subprocess.Popen(
-                [
-                    *py,
-                    "--role",
-                    "worker",
-                    "--experiment",
-                    str(e),
-                    "--steps",
-                    str(steps),
-                    "--rate",
-                    str(cfg.rate),
-                    "--series",
-                    str(cfg.series),
-                    "--seconds",
-                    str(cfg.seconds),
-                    "--out",
-                    str(run_dir / f"w{e}.json"),
-                ],
-                cwd=ROOT,
-                env=env,
-            )  # fmt: skip
+            spawn_worker(stack, e, steps=steps, rate=cfg.rate, series=cfg.series, seconds=cfg.seconds,
+                         out=run_dir / f"w{e}.json")
             for e in ids
-        ]
+        ]  # fmt: skip
         for w in workers:
             try:
                 w.wait(timeout=max(1.0, cfg.seconds + 60))
@@ -451,7 +364,7 @@ def run_config(stack: Any, cfg: Config, tmp: Path) -> dict[str, Any]:
                 p.wait(timeout=deadline + 30)
             except subprocess.TimeoutExpired:
                 p.kill()
-    redis_cpu = (_proc_stat(stack.redis_pid)[0] - redis_cpu0) / max(1e-9, time.monotonic() - sampler.t0)
+    redis_cpu = (proc_stat(stack.redis_pid)[0] - redis_cpu0) / max(1e-9, time.monotonic() - sampler.t0)
     clients: dict[str, Any] = {"latencies": [], "lost": 0, "duplicate_deliveries": 0, "unexpected": 0,
                                "points_not_live": 0, "reconnects": 0, "messages": 0, "connected": 0, "closes": {}}  # fmt: skip
     for k in range(n_procs):
@@ -469,7 +382,7 @@ def run_config(stack: Any, cfg: Config, tmp: Path) -> dict[str, Any]:
         clients["client_cpu_s"] = clients.get("client_cpu_s", 0.0) + part.get("cpu_s", 0.0)
         for c, v in part["closes"].items():
             clients["closes"][c] = clients["closes"].get(c, 0) + v
-    db = _shell(stack, _COUNT, KD_FLEET_IDS=json.dumps(ids))
+    db = count_rows(stack, ids)
     logged = sum(r["steps"] * cfg.series for r in reports)
     wall = (max(r["end"] for r in reports) - min(r["start"] for r in reports)) if reports else 0.0
     lat = clients.pop("latencies")
@@ -501,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--web", default="1,2", help="web process counts for the fleet configuration")
     parser.add_argument("--only", default="", help="configuration names, prefix match, separated by ';'")
     # role arguments
-    for name in ("--experiment", "--steps", "--sockets", "--series"):
+    for name in ("--experiment", "--steps", "--sockets", "--series", "--name-width"):
         parser.add_argument(name, type=int, default=0)
     for name in ("--rate", "--deadline", "--grace"):
         parser.add_argument(name, type=float, default=0.0)
@@ -524,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="kd-fleet-") as tmp_name:
         tmp = Path(tmp_name)
         for web_count in sorted({c.web for c in configs}):
-            stack = _start_stack(tmp / f"web{web_count}", web_count)
+            stack = start_stack(tmp / f"web{web_count}", web_count)
             try:
                 for cfg in [c for c in configs if c.web == web_count]:
                     print(

@@ -48,8 +48,10 @@ WORKER_CMD = ["celery", "-A", "webapp", "worker", "-Q", "gpu,default", "--pool",
 # --http h11: headers are capped (16 KiB; httptools let one endless header line grow the process without
 # bound). --ws-max-size: the socket takes only small client messages (pings). --no-proxy-headers: the client
 # address is the peer's, never an X-Forwarded-For a local caller wrote (login throttling counts per address).
+# --ws-per-message-deflate false: live frames are small JSON; compressing them per socket was a quarter of the
+# web CPU at 500 sockets (bench/bench_fleet.py, py-spy) and roughly doubled p95 under load.
 WEB_CMD = ["uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--lifespan", "off", "--http", "h11",
-           "--ws", "websockets-sansio", "--ws-max-size", "65536", "--no-proxy-headers",
+           "--ws", "websockets-sansio", "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--no-proxy-headers",
            "--timeout-graceful-shutdown", "10", "webapp.asgi:application"]  # fmt: skip
 
 

@@ -130,7 +130,9 @@ _channel_layer = env_str("KD_CHANNEL_LAYER", "pubsub", choices=("redis", "pubsub
 if _channel_layer == "pubsub":
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            # channels_redis's pub/sub layer, decoding a group message once per process (not per socket) and
+            # rebuilding a lost Redis connection (a restart), which it tells the sockets: webapp/channel_layer.py.
+            "BACKEND": "webapp.channel_layer.FanOutPubSubLayer",
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}]},
         }
     }

@@ -117,4 +117,37 @@ async def test_outbox_merges_a_backlog_and_bounds_it() -> None:
     assert not box.overflowed
     # ... a second one waiting behind it is.
     box.add({"type": "metric", "step": 9, "values": {"a": 0.0}})
-    assert box.overflowed and not box.points
+    assert box.overflowed and not box.metrics
+
+
+async def test_outbox_passes_a_message_through_and_closes_on_a_skipped_seq() -> None:
+    """A socket that keeps up gets the sink's message itself (encoded once per process); a sink's `seq` that
+    skips a number means live messages were lost upstream: the socket is marked for CLOSE_RESYNC."""
+    from webapp.studio.consumers import CLOSE_RESYNC, Outbox, encode
+
+    box = Outbox(max_values=1000)
+    first = {"type": "metrics", "points": [{"step": 1, "values": {"a": 1.0}}], "stream": "s1", "seq": 0}
+    box.add(first)
+    [sent] = box.take()
+    assert sent is first and encode(sent) is encode(first)
+    box.add({"type": "metric", "step": 2, "values": {"a": 2.0}, "stream": "s1", "seq": 1})
+    box.add({"type": "metric", "step": 9, "values": {"a": 2.0}, "stream": "s2", "seq": 5})  # another sink
+    assert box.closing is None and len(box.take()) == 1
+    box.add({"type": "metric", "step": 4, "values": {"a": 4.0}, "stream": "s1", "seq": 3})
+    assert box.closing == CLOSE_RESYNC and not box
+
+
+async def test_a_skipped_seq_closes_the_socket_with_4409(owner, make_experiment):
+    experiment = await sync_to_async(make_experiment)(owner)
+    key = await token_for(owner)
+    ws = communicator(experiment.pk, ORIGIN, (b"authorization", f"Token {key}".encode()))
+    connected, _ = await ws.connect()
+    assert connected
+    group = f"experiment-{experiment.pk}"
+    for seq in (0, 2):
+        message = {"type": "metric", "step": seq, "values": {"a": 1.0}, "stream": "x", "seq": seq}
+        await get_channel_layer().group_send(group, {"type": "experiment.message", "message": message})
+    assert (await ws.receive_json_from(timeout=2))["seq"] == 0
+    closed = await ws.receive_output(timeout=2)
+    assert closed["type"] == "websocket.close" and closed["code"] == 4409
+    await ws.disconnect()

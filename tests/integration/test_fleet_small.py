@@ -1,7 +1,7 @@
 """The fleet path, scaled down, on a real stack: worker processes with the real sink, many sockets, nothing lost.
 
-Uses bench/bench_fleet.py's harness (its stack: uvicorn with 2 web processes, private Redis, the database of
-DATABASE_URL or SQLite). Behaviour only, never timings: every logged point is in the database exactly once
+Uses bench/bench_fleet.py's harness (bench/fleet_stack.py's stack: uvicorn with 2 web processes, private
+Redis, the database of DATABASE_URL or SQLite). Behaviour only, never timings: every logged point is in the database exactly once
 and reaches every watcher (live, or from /metrics/?since= after a merge).
 """
 
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_fleet import ROOT, Config, _start_stack, run_config
+from bench.bench_fleet import ROOT, Config, run_config
+from bench.fleet_stack import start_stack
 
 
 @pytest.fixture(scope="module")
 def fleet_stack(tmp_path_factory: pytest.TempPathFactory):
-    stack = _start_stack(tmp_path_factory.mktemp("fleet"), web=2)
+    stack = start_stack(tmp_path_factory.mktemp("fleet"), web=2)
     yield stack
     stack.stop()
 
