@@ -41,6 +41,17 @@ class CachedLogits:
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
 
+    @classmethod
+    def open(cls, path: str | Path) -> CachedLogits:
+        """An entry's file opened memory-mapped (another process's view of the same cache, e.g. a data-parallel rank)."""
+        return cls(np.load(path, mmap_mode="r", allow_pickle=False))
+
+    @property
+    def path(self) -> str | None:
+        """The file behind this entry (None for an array held in memory)."""
+        filename = getattr(self.array, "filename", None)
+        return None if filename is None else str(filename)
+
     def __len__(self) -> int:
         return int(self.array.shape[0])
 
@@ -107,7 +118,7 @@ class TeacherLogitCache:
         batch_size: int = 1024,
     ) -> CachedLogits:
         """The teacher's logits on a split's raw inputs, computed batch by batch through the loader on a miss."""
-        from kd_core.data.loader import iterate, split_size
+        from kd_core.data.loader import eval_batch_size, iterate, split_size
 
         n = split_size(dataset, split)
         key = self.key(teacher.fingerprint, dataset.fingerprint, split, n)
@@ -122,7 +133,8 @@ class TeacherLogitCache:
         def write(tmp: str) -> None:
             nonlocal num_classes
             out = None
-            for x, _, idx in iterate(dataset, split, batch_size=batch_size, device=device):
+            rows = eval_batch_size(dataset, batch_size)
+            for x, _, idx in iterate(dataset, split, batch_size=rows, device=device):
                 if getattr(teacher, "soft_labels", False):  # a file of predictions, by sample (NaN: none)
                     z = teacher.split_logits(dataset, split, idx)
                 else:

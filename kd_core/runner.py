@@ -14,7 +14,7 @@ import torch
 from kd_core.atomic import atomic_write
 from kd_core.cache import CachedLogits, TeacherLogitCache
 from kd_core.config import ExperimentConfig
-from kd_core.device import pick_device
+from kd_core.device import autocast_dtype, pick_device
 from kd_core.errors import ConfigError, DatasetError
 from kd_core.result import RunResult
 from kd_core.sinks import MetricsSink
@@ -84,13 +84,10 @@ def run_experiment(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device)
+    autocast_dtype(device, config.precision)  # a precision this device cannot run is refused before any work
     started = time.monotonic()
     limit = TimeLimit(should_stop, config.time_limit_s)
     should_stop = limit
-
-    if config.kind == "train" and config.devices > 1:
-        parts = (checkpoint_path, checkpoint_every_s, export, limit)
-        return _run_data_parallel(config, dataset, out_dir, sink, should_stop, device, *parts)
 
     if config.kind == "codistill":
         from kd_core.codistill import run_codistill  # imported lazily: most runs never need it
@@ -165,22 +162,34 @@ def run_experiment(
                 if split_size(dataset, split):
                     cached[split] = cache.split_logits(teacher, dataset, split, device=device)
 
-        outcome = train_model(
-            model,
-            dataset,
-            config,
-            teacher_logits_fn=teacher.logits if distill else None,
-            teacher_logits={k: v for k, v in cached.items() if k != "test"} if distill else None,
-            sink=sink,
-            should_stop=should_stop,
-            device=device,
-            checkpoint_path=checkpoint_path,
-            checkpoint_every_s=checkpoint_every_s,
-            partial_teacher=soft_labels,
-        )
+        if config.devices > 1:
+            # N data-parallel processes: the codistillation group machinery with one group and this step.
+            from kd_core.codistill import run_data_parallel
+
+            outcome = run_data_parallel(
+                config, dataset, model, out_dir=out_dir, sink=sink, should_stop=should_stop, device=device,
+                teacher=teacher if distill else None,
+                teacher_logits={k: v for k, v in cached.items() if k != "test"},
+                partial_teacher=soft_labels, checkpoint_path=checkpoint_path,
+                checkpoint_every_s=checkpoint_every_s,
+            )  # fmt: skip
+        else:
+            outcome = train_model(
+                model,
+                dataset,
+                config,
+                teacher_logits_fn=teacher.logits if distill else None,
+                teacher_logits={k: v for k, v in cached.items() if k != "test"} if distill else None,
+                sink=sink,
+                should_stop=should_stop,
+                device=device,
+                checkpoint_path=checkpoint_path,
+                checkpoint_every_s=checkpoint_every_s,
+                partial_teacher=soft_labels,
+            )
         test = evaluate_split(
             model, dataset, "test", device=device, teacher_logits=cached.get("test"),
-            temperature=config.temperature, partial_teacher=soft_labels,
+            temperature=config.temperature, partial_teacher=soft_labels, precision=config.precision,
         )  # fmt: skip
         teacher_val = (
             evaluate_split(
@@ -190,6 +199,7 @@ def run_experiment(
                 device=device,
                 teacher_logits=cached["val"],
                 partial_teacher=soft_labels,
+                precision=config.precision,
             )
             if distill and "teacher_acc" not in test and "val" in cached
             else {}
@@ -214,8 +224,11 @@ def run_experiment(
         "train_time_s": outcome.train_time_s,
         "samples_per_s": outcome.samples_per_s,
         "device": str(device),
+        **outcome.run_metrics(),  # precision, peak GPU memory (or the process's peak RSS), notes
         **init_metrics,
     }
+    if config.devices > 1:
+        metrics["devices"] = config.devices  # data-parallel processes (the peak memory is rank 0's)
     if distill:
         metrics |= _teacher_metrics(teacher, dataset, test, teacher_val, stats)
         metrics["val_agreement"] = outcome.best.get("val_agreement")
@@ -247,51 +260,6 @@ def run_experiment(
     _write_result(out_dir, config, result)
     if checkpoint_path is not None and not outcome.stopped:
         Path(checkpoint_path).unlink(missing_ok=True)  # done: a requeue must not resume a finished run
-    return result
-
-
-def _run_data_parallel(
-    config: ExperimentConfig,
-    dataset: Any,
-    out_dir: Path,
-    sink: MetricsSink,
-    should_stop: Callable[[], bool],
-    device: torch.device,
-    checkpoint_path: str | Path | None,
-    checkpoint_every_s: float,
-    export: bool,
-    limit: TimeLimit,
-) -> RunResult:
-    """`devices: N` for a train job: one codistillation group of N synchronous workers and no other group.
-
-    The group machinery already splits each global batch across ranks, all-reduces gradients (gloo on CPU,
-    NCCL on CUDA), reports from rank 0, checkpoints and resumes as one: a second mechanism would only drift.
-    """
-    import dataclasses
-
-    from kd_core.codistill import run_codistill
-    from kd_core.config import CodistillConfig
-
-    one_group = CodistillConfig(replicas=1, group_size=config.devices, burn_in_steps=0)
-    # devices 1 inside: each rank is one of the group's processes (they parse this config again).
-    group = dataclasses.replace(config, kind="codistill", codistill=one_group, devices=1)
-    started = time.monotonic()
-    result = run_codistill(
-        group, dataset, out_dir=out_dir, sink=sink, should_stop=should_stop, device=device,
-        checkpoint_path=checkpoint_path, checkpoint_every_s=checkpoint_every_s, export=export,
-    )  # fmt: skip
-    # One model: the experiment's files only (the group's replica0.* copies are the same weights).
-    result.files = {k: v for k, v in result.files.items() if not k.startswith("replica")}
-    for key in [k for k in result.metrics if k.startswith("replica") or k == "best_replica"]:
-        del result.metrics[key]
-    result.metrics.setdefault("train_time_s", time.monotonic() - started)
-    result.metrics["devices"] = config.devices
-    for key in ("student_params", "student_size_bytes"):  # combined as floats across groups
-        if isinstance(result.metrics.get(key), float) and result.metrics[key].is_integer():
-            result.metrics[key] = int(result.metrics[key])
-    if limit.reached and result.stopped:
-        result.metrics["stopped_by"] = "time_limit"
-    _write_result(out_dir, config, result)
     return result
 
 

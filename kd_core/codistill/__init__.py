@@ -2,9 +2,11 @@
 
 Modules (imports run down this list only, never back up): `common` (seeds, shards, schedules, the
 replica loss, metrics, exports), `exchange` (how groups swap stale copies), `in_process` (every
-replica in one loop), `group_loop` (one data-parallel group's step), `combine` (the experiment's
-result from every group's replica), `launcher` (worker subprocesses, one group per task, the worker
-entry point). Every placement trains through the shared loop in `kd_core.loop`.
+replica in one loop), `group_loop` (one data-parallel group's step, its collectives and checkpoint),
+`data_parallel` (`devices: N` for train/distill: the train/distill step on a group's ranks), `combine`
+(the experiment's result from every group's replica), `launcher` (worker subprocesses, one group per
+task, one train/distill job over N devices, the worker entry point). Every placement trains through
+the shared loop in `kd_core.loop`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from kd_core.codistill.launcher import (
     group_status,
     load_saved_dataset,
     run_codistill_group,
+    run_data_parallel,
     run_groups_in_subprocesses,
     save_dataset,
 )
@@ -60,6 +63,7 @@ __all__ = [
     "replica_train_indices",
     "run_codistill",
     "run_codistill_group",
+    "run_data_parallel",
     "save_dataset",
     "shard_indices",
 ]
@@ -88,8 +92,9 @@ def run_codistill(
     check_trainable(config, dataset)
     if config.codistill.group_size > 1:
         return run_groups_in_subprocesses(
-            config, dataset, out_dir=out_dir, sink=sink, should_stop=should_stop, device=device
-        )
+            config, dataset, out_dir=out_dir, sink=sink, should_stop=should_stop, device=device,
+            checkpoint_path=checkpoint_path, checkpoint_every_s=checkpoint_every_s,
+        )  # fmt: skip
     return run_in_process(
         config, dataset, Path(out_dir), sink, should_stop, torch.device(device), checkpoint_path, export,
         checkpoint_every_s,

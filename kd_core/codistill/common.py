@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_core.config import ExperimentConfig
-from kd_core.data.loader import Batches, has_labels, make_batches, sample_inputs, split_size
+from kd_core.data.loader import (
+    Batches,
+    eval_batch_size,
+    has_labels,
+    make_batches,
+    sample_inputs,
+    split_size,
+)
 from kd_core.errors import ConfigError
 from kd_core.losses import codistillation_loss
 from kd_core.models import build_model
@@ -33,6 +40,11 @@ def replica_seed(seed: int, replica: int, purpose: str) -> int:
     """A seed of its own for each replica and purpose ("init", "data", "shard"), stable across placements."""
     tag = {"init": 1, "data": 2, "shard": 3}[purpose]
     return int(np.random.SeedSequence([int(seed), int(replica), tag]).generate_state(1)[0])
+
+
+def dropout_seed(seed: int, group: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's step: a pure function, so a resumed rank draws the same dropout masks."""
+    return int(np.random.SeedSequence([int(seed), int(group), int(rank), int(step), 4]).generate_state(1)[0])
 
 
 def shard_indices(n: int, replicas: int, seed: int) -> list[np.ndarray]:
@@ -129,26 +141,60 @@ def churn(predictions: Sequence[Tensor]) -> float:
     return float(np.mean([(predictions[i] != predictions[j]).float().mean().item() for i, j in pairs]))
 
 
+class SplitSums:
+    """Per-batch sums behind `split_metrics`: counts and loss sums, so a split's figures need O(batch) memory.
+
+    Each replica's cross-entropy sum and correct count, the ensemble's (mean of the replicas' softmax)
+    NLL sum and correct count, and each pair of replicas' disagreement count (churn); `metrics()`
+    divides by the sample count at the end.
+    """
+
+    def __init__(self, replicas: int) -> None:
+        self.n = 0
+        self.loss = torch.zeros(replicas, dtype=torch.float64)
+        self.correct = torch.zeros(replicas, dtype=torch.int64)
+        self.ens_loss = torch.zeros((), dtype=torch.float64)
+        self.ens_correct = torch.zeros((), dtype=torch.int64)
+        self.pairs = list(combinations(range(replicas), 2))
+        self.disagree = torch.zeros(len(self.pairs), dtype=torch.int64)
+
+    @torch.no_grad()
+    def add(self, logits: Sequence[Tensor], y: Tensor) -> None:
+        """One batch: each replica's float32 logits on it and its labels."""
+        if len(y) == 0:
+            return
+        self.n += len(y)
+        top = [z.argmax(1) for z in logits]
+        for k, z in enumerate(logits):
+            self.loss[k] += F.cross_entropy(z, y, reduction="sum").double().cpu()
+            self.correct[k] += (top[k] == y).sum().cpu()
+        probs = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(0)
+        self.ens_loss += F.nll_loss(torch.log(probs.clamp_min(1e-12)), y, reduction="sum").double().cpu()
+        self.ens_correct += (probs.argmax(1) == y).sum().cpu()
+        for p, (i, j) in enumerate(self.pairs):
+            self.disagree[p] += (top[i] != top[j]).sum().cpu()
+
+    def metrics(self) -> dict[str, Any]:
+        replicas = len(self.loss)
+        if self.n == 0:
+            nan = float("nan")
+            return {"loss": [nan] * replicas, "acc": [nan] * replicas, "ens_loss": nan, "ens_acc": nan,
+                    "churn": nan}  # fmt: skip
+        n = self.n
+        return {
+            "loss": [float(v) / n for v in self.loss],
+            "acc": [int(c) / n for c in self.correct],
+            "ens_loss": float(self.ens_loss) / n,
+            "ens_acc": int(self.ens_correct) / n,
+            "churn": float(np.mean([int(d) / n for d in self.disagree])) if self.pairs else 0.0,
+        }
+
+
 def split_metrics(logits: Sequence[Tensor], y: Tensor) -> dict[str, Any]:
     """Per-replica loss/acc, the ensemble's (mean of the replicas' softmax) and churn on one split."""
-    out: dict[str, Any] = {"loss": [], "acc": []}
-    if len(y) == 0:
-        nan = float("nan")
-        return {
-            "loss": [nan] * len(logits),
-            "acc": [nan] * len(logits),
-            "ens_loss": nan,
-            "ens_acc": nan,
-            "churn": nan,
-        }
-    for z in logits:
-        out["loss"].append(F.cross_entropy(z, y).item())
-        out["acc"].append((z.argmax(1) == y).float().mean().item())
-    probs = torch.stack([F.softmax(z, dim=1) for z in logits]).mean(0)
-    out["ens_loss"] = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y).item()
-    out["ens_acc"] = (probs.argmax(1) == y).float().mean().item()
-    out["churn"] = churn([z.argmax(1) for z in logits])
-    return out
+    sums = SplitSums(len(logits))
+    sums.add(logits, y)
+    return sums.metrics()
 
 
 def eval_splits(dataset: Any) -> tuple[str, str | None]:
@@ -168,25 +214,18 @@ class EvalSplit:
     def __init__(self, dataset: Any, split: str | None, device: torch.device | str) -> None:
         self.batches = (
             None if split is None
-            else make_batches(dataset, split, batch_size=1024, seed=0, device=device, shuffle=False)
+            else make_batches(
+                dataset, split, batch_size=eval_batch_size(dataset), seed=0, device=device, shuffle=False
+            )
         )  # fmt: skip
 
-    def logits(self, models: Sequence[nn.Module]) -> tuple[list[Tensor], Tensor]:
-        """Each model's float32 logits on the split (eval mode) and the labels."""
-        outs: list[list[Tensor]] = [[] for _ in models]
-        ys: list[Tensor] = []
+    def metrics(self, models: Sequence[nn.Module]) -> dict[str, Any]:
+        """`split_metrics` of the models on the split, batch by batch: no logits outlive their batch."""
+        sums = SplitSums(len(models))
         if self.batches is not None:
             for x, y, _ in self.batches.each():
-                for k, model in enumerate(models):
-                    outs[k].append(predict_logits(model, x))
-                ys.append(y)
-        empty = torch.zeros((0, 0))
-        y_all = torch.cat(ys) if ys else torch.zeros((0,), dtype=torch.long)
-        return [torch.cat(o) if o else empty for o in outs], y_all
-
-    def metrics(self, models: Sequence[nn.Module]) -> dict[str, Any]:
-        logits, y = self.logits(models)
-        return split_metrics(logits, y)
+                sums.add([predict_logits(model, x) for model in models], y)
+        return sums.metrics()
 
     def close(self) -> None:
         if self.batches is not None:

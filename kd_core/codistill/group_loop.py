@@ -7,6 +7,9 @@ and every `exchange_every` steps swap stale copies of the weights with the other
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,6 +23,7 @@ from kd_core.codistill.common import (
     EvalSplit,
     KeepBest,
     copy_step_at,
+    dropout_seed,
     eval_period,
     eval_splits,
     export_replica,
@@ -50,6 +54,57 @@ def _broadcast_module(module: nn.Module) -> None:
         buf = tensor.detach().to(_comm_device(tensor.device), copy=True)
         dist.broadcast(buf, src=0)
         tensor.copy_(buf.to(tensor.device))
+
+
+def all_reduce_gradients(params: list[nn.Parameter], extra: Tensor, device: torch.device) -> Tensor:
+    """Sum every rank's gradients of `params` (in place, in float64 on the wire) and `extra`; returns the summed `extra`.
+
+    One flat all-reduce per step: the group's synchronous data parallelism, whatever the mode's loss.
+    """
+    grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device(device), torch.float64)
+    flat = torch.cat([flat, extra.to(flat.device, torch.float64)])
+    dist.all_reduce(flat)
+    offset = 0
+    for q in params:
+        n = q.numel()
+        q.grad = flat[offset : offset + n].view_as(q).to(q.device, q.dtype)
+        offset += n
+    return flat[offset:].to(device)
+
+
+def agree_stop(local: bool, device: torch.device) -> bool:
+    """Every rank stops at the same step: a stop seen by any rank is everyone's."""
+    flag = torch.tensor([1.0 if local else 0.0], device=_comm_device(device))
+    dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def rank_checkpoint(path: str | Path | None, rank: int, every_s: float) -> tuple[Path | None, float]:
+    """(the checkpoint file rank `rank` resumes from and writes, its period): the group checkpoints as one.
+
+    Rank 0 writes the group's one checkpoint (weights and optimizer states are the same on every rank, and
+    each rank's dropout follows (seed, rank, step), so no per-rank RNG state is needed). The other ranks
+    resume from that file through a private link, taken before any rank can step (a step needs all of
+    them), and write only that link when stopped; `release_checkpoint` removes it.
+    """
+    if path is None or rank == 0:
+        return (None if path is None else Path(path)), every_s
+    path = Path(path)
+    own = path.with_name(f"{path.name}.rank{rank}")
+    own.unlink(missing_ok=True)
+    if path.is_file():
+        try:
+            os.link(path, own)  # atomic_write replaces the file by rename: the link keeps this version
+        except OSError:
+            shutil.copyfile(path, own)
+    return own, math.inf
+
+
+def release_checkpoint(path: Path | None, rank: int) -> None:
+    """Drop a rank's private link (rank 0's checkpoint stays for the caller to keep or remove)."""
+    if path is not None and rank != 0:
+        path.unlink(missing_ok=True)
 
 
 class _Peers:
@@ -114,6 +169,21 @@ class _Peers:
         with torch.no_grad():
             return [self.models[j](x) for j in self.others if j in self.models]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The held copies and their versions, so a resumed group distils towards the very same ones."""
+        return {
+            "versions": {str(j): int(v) for j, v in self.versions.items()},
+            "models": {str(j): m.state_dict() for j, m in self.models.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key, weights in (state.get("models") or {}).items():
+            if int(key) in self.versions:
+                self._model(int(key)).load_state_dict(weights)
+        for key, version in (state.get("versions") or {}).items():
+            if int(key) in self.versions:
+                self.versions[int(key)] = int(version)
+
 
 class GroupTask:
     """Group `group`'s replica on this rank: a share of each batch, all-reduced gradients, stale peer copies."""
@@ -144,13 +214,12 @@ class GroupTask:
         return {"model": self.optimizer}
 
     def agree_stop(self, local: bool) -> bool:
-        """Every rank stops at the same step: a stop seen by any rank is everyone's."""
-        flag = torch.tensor([1.0 if local else 0.0], device=_comm_device(self.device))
-        dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return agree_stop(local, self.device)
 
     def train_step(self, step: int, lr: float) -> tuple[dict[str, Tensor], int]:
         cd = self.config.codistill
+        # Dropout from (seed, group, rank, step): a resumed rank draws what the uninterrupted one drew.
+        torch.manual_seed(dropout_seed(self.config.seed, self.group, self.rank, step))
         distilling = cd.replicas > 1 and step >= cd.burn_in_steps
         if distilling:
             want = copy_step_at(step, cd.burn_in_steps, cd.exchange_every)
@@ -176,16 +245,7 @@ class GroupTask:
             self.precision.backward(loss * share)
             stats = torch.stack([loss.detach(), hard.detach(), term.detach()]).double() * share
         if self.world > 1:
-            grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in self.params]
-            flat = torch.cat([g.reshape(-1) for g in grads]).to(_comm_device(self.device), torch.float64)
-            flat = torch.cat([flat, stats.to(flat.device)])
-            dist.all_reduce(flat)
-            offset = 0
-            for q in self.params:
-                n = q.numel()
-                q.grad = flat[offset : offset + n].view_as(q).to(q.device, q.dtype)
-                offset += n
-            stats = flat[offset : offset + 3]
+            stats = all_reduce_gradients(self.params, stats, self.device)
         set_lr(self.optimizer, lr)
         self.precision.step(self.optimizer)
         return {"loss": stats[0], "loss_hard": stats[1], "loss_distill": stats[2]}, full
@@ -213,15 +273,15 @@ class GroupTask:
         return values
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "copy_step": self.copy_step,
-            "kept": self.keep.to_dict(),
-            "versions": dict(self.peers.versions),
-        }
+        return {"copy_step": self.copy_step, "kept": self.keep.to_dict(), "peers": self.peers.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        # copy_step stays -1: the peer copies are not in the checkpoint, so the next step refreshes them.
         self.keep = KeepBest.from_dict(state.get("kept"), self.keep.mode)
+        if (
+            "peers" in state
+        ):  # the copies held when the checkpoint was taken: no refresh until the next copy step
+            self.peers.load_state_dict(state["peers"])
+            self.copy_step = int(state.get("copy_step", -1))
 
     def close(self) -> None:
         self.batches.close()
@@ -241,14 +301,16 @@ def train_group(
     should_stop: Callable[[], bool],
     device: torch.device,
     checkpoint_path: str | Path | None = None,
+    checkpoint_every_s: float = 30.0,
 ) -> tuple[dict[str, float] | None, dict[str, str], bool, nn.Module]:
     """Train group `group` (this process is its worker `rank` of `world`).
 
     Returns (metrics, files, stopped, model); only rank 0 exports replica{group}.* and measures
-    (the others return None metrics and no files).
+    (the others return None metrics and no files). `checkpoint_path`: the group's one checkpoint
+    (see `rank_checkpoint`), resumed from when present, removed once the group has finished.
     """
     cd = config.codistill
-    precision = Precision(device)
+    precision = Precision(device, config.precision)
     task = GroupTask(
         config, dataset, group, exchange, rank=rank, world=world, device=device, precision=precision
     )
@@ -256,17 +318,18 @@ def train_group(
     smallest = min(len(replica_train_indices(config, n_train, k)) for k in range(cd.replicas))
     total, per_epoch = plan_steps(config, smallest)
     task.total = total
-    torch.manual_seed(config.seed + 7919 * rank)  # dropout differs across the group's workers
+    own_checkpoint, every_s = rank_checkpoint(checkpoint_path, rank, checkpoint_every_s)
     t0 = time.perf_counter()
     try:
         result = run_loop(
             task, config, total_steps=total, steps_per_epoch=per_epoch,
             eval_every=eval_period(config.log_every, per_epoch), precision=precision, sink=sink,
             should_stop=should_stop, agree_stop=task.agree_stop if world > 1 else None,
-            checkpoint_path=checkpoint_path if rank == 0 else None, checkpoint_at_end=False,
+            checkpoint_path=own_checkpoint, checkpoint_every_s=every_s, checkpoint_at_end=False,
         )  # fmt: skip
     finally:
         task.close()
+        release_checkpoint(own_checkpoint, rank)
     model = task.model
     task.keep.restore(model)  # the best weights on validation (keep "best"), as train/distill export
     if rank != 0:

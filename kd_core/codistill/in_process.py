@@ -176,7 +176,7 @@ def run_in_process(
 ) -> RunResult:
     """Every replica in this process on one device; files replica{k}.* and the best one as student.*."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    precision = Precision(device)
+    precision = Precision(device, config.precision)
     task = InProcessTask(config, dataset, device, precision)
     total, per_epoch = plan_steps(config, min(task.sizes))
     torch.manual_seed(config.seed)  # dropout
@@ -203,6 +203,7 @@ def run_in_process(
         metrics[f"replica{k}_kept_step"] = float(keep.step if keep.state is not None else result.steps)
     metrics["train_time_s"] = time.perf_counter() - t0
     metrics["samples_per_s"] = result.samples_seen / max(result.train_time_s, 1e-9)
+    metrics |= {"precision": precision.name, **result.memory}  # what it computed in; peak memory of the loop
     if checkpoint_path is not None and not result.stopped:
         Path(checkpoint_path).unlink(missing_ok=True)
     return RunResult(metrics=metrics, files=files, stopped=result.stopped, model=models[best])

@@ -4,8 +4,13 @@
   with `group_size > 1`).
 - `run_codistill_group(config, dataset, g, exchange, ...)`: train group g (its `group_size` workers
   launched as subprocesses when > 1); what a Celery task calls, one task per group.
+- `run_data_parallel(config, dataset, model, ...)`: `devices: N` for a train or distill job, one group of
+  N ranks with no peers (the ranks' step is `data_parallel`'s).
 - `python -m kd_core.codistill.launcher --job DIR --group G --rank R --world W --init URL`: one worker
   process of a group (launched by the functions above, not by users).
+
+Checkpoints: each group writes one (its rank 0; the other ranks resume from the same file), so a stopped or
+killed group started again with the same checkpoint path resumes mid-run.
 """
 
 from __future__ import annotations
@@ -30,15 +35,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kd_core import errors
 from kd_core.atomic import atomic_write
+from kd_core.cache import CachedLogits
 from kd_core.codistill.combine import combine_group_results, load_replica
-from kd_core.codistill.common import best_index, check_trainable
+from kd_core.codistill.common import CHECKPOINT_EVERY_S, best_index, check_trainable
+from kd_core.codistill.data_parallel import INIT_WEIGHTS, TEACHER, train_data_parallel
 from kd_core.codistill.exchange import FileExchange, GroupExchange
 from kd_core.codistill.group_loop import train_group
 from kd_core.config import ExperimentConfig, parse_config
-from kd_core.errors import TrainingError
+from kd_core.errors import ConfigError, KDError, TrainingError
 from kd_core.result import RunResult
 from kd_core.sinks import MetricsSink, NullSink
+from kd_core.trainer import TrainOutcome
 
 # How long a worker waits for its group's peers in a collective before giving up: a rank that
 # died must not hang the others until gloo's 30-minute default.
@@ -170,10 +179,16 @@ class _Launched:
 
 
 def _launch_group(
-    job: Path, group: int, world: int, device: torch.device, out_dir: Path, exchange_dir: Path
-) -> _Launched:
+    job: Path, group: int, world: int, device: torch.device, out_dir: Path, exchange_dir: Path,
+    checkpoint: Path | None = None, checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+) -> _Launched:  # fmt: skip
     folder = job / f"group{group}"
     folder.mkdir(parents=True, exist_ok=True)
+    # What an earlier attempt of this group left (a resumed job reuses the folder): its relayed lines,
+    # digests, errors or result would pass for this attempt's.
+    for stale in [folder / "metrics.jsonl", folder / "result.json", *folder.glob("rank*.digest"),
+                  *folder.glob("rank*.error.json")]:  # fmt: skip
+        stale.unlink(missing_ok=True)
     init = f"tcp://127.0.0.1:{_free_port()}"
     env = dict(os.environ)
     # Several workers on few cores: one thread each, or they fight over the cores.
@@ -188,7 +203,10 @@ def _launch_group(
             sys.executable, "-m", "kd_core.codistill.launcher",
             "--job", str(job), "--group", str(group), "--rank", str(rank), "--world", str(world),
             "--init", init, "--device", str(device), "--out", str(out_dir), "--exchange", str(exchange_dir),
+            "--checkpoint-every", repr(float(checkpoint_every_s)),
         ]  # fmt: skip
+        if checkpoint is not None:
+            cmd += ["--checkpoint", str(checkpoint)]
         with log.open("wb") as fh:
             procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
         logs.append(log)
@@ -312,6 +330,27 @@ def _supervise(
     return files, stop_requested, failed
 
 
+def _raise_failure(item: _Launched, detail: str, what: str) -> None:
+    """Re-raise a rank's own refusal (a ConfigError stays a ConfigError); else a TrainingError with its output."""
+    for path in sorted(item.folder.glob("rank*.error.json")):
+        try:
+            error = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        kind = getattr(errors, str(error.get("type")), None)
+        if isinstance(kind, type) and issubclass(kind, KDError):
+            raise kind(str(error.get("message", "")))
+    raise TrainingError(f"{what}:\n{detail[-1200:]}")
+
+
+def group_checkpoint(path: str | Path | None, group: int, replicas: int) -> Path | None:
+    """Group `group`'s checkpoint file for an experiment checkpointed at `path` (the path itself for one group)."""
+    if path is None:
+        return None
+    path = Path(path)
+    return path if replicas == 1 else path.with_name(f"{path.name}.group{group}")
+
+
 def _tidy_job(job: Path, keep_exchange: bool = False) -> None:
     """Drop the bulky parts of a finished job folder (dataset copy, exchanged weights); keep the logs."""
     shutil.rmtree(job / "dataset", ignore_errors=True)
@@ -334,23 +373,36 @@ def run_groups_in_subprocesses(
     sink: MetricsSink,
     should_stop: Callable[[], bool] = lambda: False,
     device: torch.device | str = "cpu",
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
 ) -> RunResult:
-    """Every group of the experiment as `group_size` worker subprocesses; groups exchange through files."""
+    """Every group of the experiment as `group_size` worker subprocesses; groups exchange through files.
+
+    `checkpoint_path`: each group checkpoints beside it (`group_checkpoint`); a stopped or killed run
+    started again with the same path resumes every group, and the exchange folder is kept until the end.
+    """
     out_dir = Path(out_dir)
     job = out_dir / "codistill-job"
     _prepare_job(config, dataset, job)
     exchange_dir = job / "exchange"
     FileExchange(exchange_dir)
     world = config.codistill.group_size
+    replicas = config.codistill.replicas
     launched: list[_Launched] = []
     try:
-        for g in range(config.codistill.replicas):
-            launched.append(_launch_group(job, g, world, torch.device(device), out_dir, exchange_dir))
+        for g in range(replicas):
+            ckpt = group_checkpoint(checkpoint_path, g, replicas)
+            launched.append(
+                _launch_group(
+                    job, g, world, torch.device(device), out_dir, exchange_dir, ckpt, checkpoint_every_s
+                )
+            )
     except BaseException:
         _stop_all(launched)
         raise
     files, stopped, failed = _supervise(launched, job, sink, should_stop)
-    _tidy_job(job)
+    # A stopped run keeps its exchange: the groups resume towards the copies they held.
+    _tidy_job(job, keep_exchange=stopped and checkpoint_path is not None)
     if not files:
         detail = next(iter(failed.values()), "")
         raise TrainingError(f"every codistillation group failed; last output:\n{detail[-1200:]}")
@@ -400,23 +452,33 @@ def run_codistill_group(
     sink: MetricsSink,
     should_stop: Callable[[], bool] = lambda: False,
     device: torch.device | str = "cpu",
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
 ) -> RunResult:
     """Train one codistillation group; returns its replica's RunResult (files replica{g}.*).
 
     Swaps copies with the other groups through `exchange` every `exchange_every` steps and never
     waits for them. Metrics are logged under `replica{g}/...` only, so several groups can share
     one experiment's series; `combine_group_results` adds the experiment-level figures.
+
+    The group checkpoints to `checkpoint_path` (default `out_dir/replica{g}.ckpt`: a group's out_dir
+    is its own, kept across deliveries of its task), every `checkpoint_every_s` and when stopped; a
+    call with a checkpoint of this config resumes from it, with the peer copies it held. Removed at the end.
     """
     check_trainable(config, dataset)
     if not 0 <= group_index < config.codistill.replicas:
         raise TrainingError(f"group index {group_index} is outside 0..{config.codistill.replicas - 1}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = (
+        Path(checkpoint_path) if checkpoint_path is not None else out_dir / f"replica{group_index}.ckpt"
+    )
     world = config.codistill.group_size
     if world == 1:
         metrics, files, stopped, model = train_group(
             config, dataset, group_index, exchange, rank=0, world=1, out_dir=out_dir, sink=sink,
-            should_stop=should_stop, device=torch.device(device),
+            should_stop=should_stop, device=torch.device(device), checkpoint_path=checkpoint,
+            checkpoint_every_s=checkpoint_every_s,
         )  # fmt: skip
         return RunResult(metrics=metrics, files=files, stopped=stopped, model=model)
 
@@ -429,18 +491,117 @@ def run_codistill_group(
         local = FileExchange(job / "exchange")
         exchange_dir = local.root
         mirror = _ExchangeMirror(group_index, config.codistill.replicas, local, exchange)
-    item = _launch_group(job, group_index, world, torch.device(device), out_dir, exchange_dir)
+    item = _launch_group(
+        job, group_index, world, torch.device(device), out_dir, exchange_dir, checkpoint, checkpoint_every_s
+    )
     files, stopped, failed = _supervise([item], job, sink, should_stop, on_tick=mirror)
     if mirror is not None:
         mirror()
     _tidy_job(job, keep_exchange=isinstance(exchange, FileExchange))
     if group_index not in files:
-        raise TrainingError(
-            f"codistillation group {group_index} failed:\n{failed.get(group_index, '')[-1200:]}"
-        )
+        _raise_failure(item, failed.get(group_index, ""), f"codistillation group {group_index} failed")
     result = json.loads((item.folder / "result.json").read_text())
     model = load_replica(config, dataset, files[group_index]["safetensors"], group_index, torch.device("cpu"))
     return RunResult(metrics=result["metrics"], files=files[group_index], stopped=stopped, model=model)
+
+
+# ---------------------------------------------------------------- devices: N for one train/distill job
+
+
+def _teacher_files(
+    config: ExperimentConfig, job: Path, teacher: Any, logits: Mapping[str, Any], partial: bool
+) -> None:
+    """What the ranks need of the teacher: its cached logits' files, and its weights when batches are augmented."""
+    from safetensors.torch import save_file
+
+    (job / TEACHER).unlink(missing_ok=True)
+    if teacher is None and not logits:
+        return
+    spec: dict[str, Any] = {"logits": {}, "partial": bool(partial), "weights": None}
+    for split, entry in logits.items():
+        path = getattr(entry, "path", None)
+        if path is None:  # logits held in memory: a file of the cache's fp16 layout for the ranks
+            path = str(job / f"teacher-{split}.npy")
+            array = entry.array if isinstance(entry, CachedLogits) else torch.as_tensor(entry).cpu().numpy()
+            np.save(path, np.asarray(array, dtype=np.float16), allow_pickle=False)
+        spec["logits"][split] = str(path)
+    if "train" not in logits:  # augmented batches: every rank runs the teacher on the views it trains on
+        module = getattr(teacher, "module", None)
+        if module is None or getattr(teacher, "sandboxed", False) or not hasattr(module, "spec"):
+            raise ConfigError(
+                f"'devices' > 1 with augment {config.augment!r} runs the teacher in every process, which needs "
+                "its weights (safetensors or a state dict); this teacher is a TorchScript/ONNX/torch.export "
+                "file that runs only in its sandbox: use augment 'none' (its logits are then computed once "
+                "and shared) or devices 1"
+            )
+        meta = {
+            "spec": module.spec, "input_shape": list(module.input_shape), "num_classes": module.num_classes,
+            "preprocessing": module.preprocessing,
+        }  # fmt: skip
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+        save_file(
+            tensors, str(job / "teacher.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()}
+        )
+        spec["weights"] = str(job / "teacher.safetensors")
+    (job / TEACHER).write_text(json.dumps(spec))
+
+
+def run_data_parallel(
+    config: ExperimentConfig,
+    dataset: Any,
+    model: nn.Module,
+    *,
+    out_dir: str | Path,
+    sink: MetricsSink,
+    should_stop: Callable[[], bool] = lambda: False,
+    device: torch.device | str = "cpu",
+    teacher: Any | None = None,
+    teacher_logits: Mapping[str, Any] | None = None,
+    partial_teacher: bool = False,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+) -> TrainOutcome:
+    """Train `model` as `config.devices` data-parallel ranks (one group of the codistillation machinery).
+
+    The ranks start from `model`'s weights; a distill job's teacher reaches them as its cached logits
+    (`teacher_logits`, the splits "train" and "val"; without "train" the batches are augmented and each
+    rank runs a copy of the teacher's weights). `model` ends with the trained (kept) weights, on `device`.
+    Returns the `TrainOutcome` one process's `train_model` would. The job checkpoints to `checkpoint_path`.
+    """
+    from safetensors.torch import load_file, save_file
+
+    world = int(config.devices)
+    if config.batch_size < 2 * world:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is split over {world} processes: it must be at least {2 * world}"
+        )
+    job = Path(out_dir) / "data-parallel-job"
+    _prepare_job(config, dataset, job)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(job / INIT_WEIGHTS))
+    _teacher_files(config, job, teacher, dict(teacher_logits or {}), partial_teacher)
+    device = torch.device(device)
+    item = _launch_group(
+        job, 0, world, device, Path(out_dir), job / "exchange",
+        None if checkpoint_path is None else Path(checkpoint_path), checkpoint_every_s,
+    )  # fmt: skip
+    files, _, failed = _supervise([item], job, sink, should_stop)
+    if 0 not in files:
+        _raise_failure(
+            item, failed.get(0, ""), f"the {config.kind} job's {world} data-parallel processes failed"
+        )
+    outcome = json.loads((item.folder / "result.json").read_text())["metrics"]
+    model.load_state_dict(load_file(files[0]["safetensors"]))
+    model.to(device)
+    shutil.rmtree(job, ignore_errors=True)  # the logs are in the result; weights and data copies are bulky
+    return TrainOutcome(
+        state_dict={k: v.detach().clone() for k, v in model.state_dict().items()},
+        best=dict(outcome["best"]), steps=int(outcome["steps"]), epochs=float(outcome["epochs"]),
+        stopped=bool(outcome["stopped"]), train_time_s=float(outcome["train_time_s"]),
+        samples_per_s=float(outcome["samples_per_s"]), resumed_from_step=outcome.get("resumed_from_step"),
+        history=list(outcome.get("history") or []), precision=str(outcome["precision"]),
+        memory=dict(outcome.get("memory") or {}), notes=list(outcome.get("notes") or []),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- worker process entry point
@@ -465,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", required=True)
     parser.add_argument("--exchange", required=True)
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY_S)
     args = parser.parse_args(argv)
     job = Path(args.job)
     folder = job / f"group{args.group}"
@@ -487,10 +650,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stop_file.exists() or os.getppid() != parent
 
     try:
-        result = train_group(
-            config, dataset, args.group, FileExchange(args.exchange), rank=args.rank, world=args.world,
-            out_dir=Path(args.out), sink=sink, should_stop=should_stop, device=device,
-        )  # fmt: skip
+        common: dict[str, Any] = {
+            "rank": args.rank, "world": args.world, "sink": sink, "should_stop": should_stop, "device": device,
+            "checkpoint_path": args.checkpoint, "checkpoint_every_s": args.checkpoint_every,
+        }  # fmt: skip
+        try:
+            if config.kind == "codistill":
+                result = train_group(
+                    config, dataset, args.group, FileExchange(args.exchange), out_dir=Path(args.out), **common
+                )
+            else:  # devices: N for one train/distill job
+                result = train_data_parallel(config, dataset, job, **common)
+        except KDError as exc:  # the parent re-raises it as such: a refusal stays a refusal
+            error = {"type": type(exc).__name__, "message": str(exc)}
+            (folder / f"rank{args.rank}.error.json").write_text(json.dumps(error))
+            raise
         metrics, files, stopped, model = result
         # Every worker leaves a digest of its final weights: the group's workers must agree.
         (folder / f"rank{args.rank}.digest").write_text(state_digest(model))
