@@ -2,11 +2,16 @@
 
 On a generated image store (224 px by default) it measures, per student: images/s of the teacher-logit phase
 (the fp16 cache filled once), images/s of the engine's distill loop for a fixed number of steps, the same
-for a plain hand-written loop on the same device (data resident, logits precomputed, same precision), the
-ratio engine/hand (aim: at most 1.1x the hand loop's time) and peak GPU memory per phase.
-Without a GPU it runs a small CPU smoke size (say so in any figures quoted); without torchvision it skips.
+for a plain hand-written loop on the same device (data resident, logits precomputed, the same precision,
+memory format and compile), the ratio engine/hand (aim: at most 1.1x the hand loop's time) and peak GPU
+memory per phase. The engine runs with the GPU path's options: `precision` (default "auto": bf16 autocast
+where the GPU has it, else fp16 with a loss scaler), `channels_last` (on unless --no-channels-last) and
+`compile` (--compile; a failed compile falls back to eager and the table says so).
+Without a GPU, or with --smoke, it runs a small CPU smoke size (say so in any figures quoted); without
+torchvision it skips.
 
     python -m bench.bench_gpu [--size 224 --samples 2048 --steps 100 --batch 64 --device cuda]
+                              [--precision auto|fp32|bf16|fp16] [--no-channels-last] [--compile] [--smoke]
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ def _peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def _steps(fn, steps: int) -> float:
+    """Seconds for `steps` calls of fn(i). No untimed warm-up: the engine's samples_per_s has none either, so
+    with --compile both figures include the compilation."""
+    start = time.perf_counter()
+    for i in range(steps):
+        fn(i)
+    return time.perf_counter() - start
+
+
 def _make_store(folder: Path, size: int, samples: int):
     """A uint8 NPZ of class-dependent colour patterns, ingested into the on-disk store the loader reads."""
     from kd_core.config import ExperimentConfig
@@ -60,45 +74,93 @@ def _make_store(folder: Path, size: int, samples: int):
 
 
 def _hand_loop(
-    student, teacher_logits, x, y, *, scale: float, steps: int, batch: int, device, temperature: float
+    student,
+    teacher_logits,
+    x,
+    y,
+    *,
+    scale: float,
+    steps: int,
+    batch: int,
+    device,
+    temperature: float,
+    precision: str,
+    channels_last: bool,
+    compile: bool,
 ) -> float:
-    """What a person would write: resident data, precomputed teacher logits, Adam, Hinton KD, autocast."""
+    """What a person would write: resident data, precomputed teacher logits, Adam, Hinton KD, autocast
+    (with a GradScaler for fp16), the same memory format and torch.compile as the engine was given."""
+    from kd_core.device import autocast_dtype
+
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    dtype = autocast_dtype(device, precision)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+    forward = torch.compile(student) if compile else student
     student.train()
     gen = torch.Generator(device="cpu").manual_seed(0)
-    start = time.perf_counter()
-    for _ in range(steps):
+
+    def step(i: int) -> None:
         idx = torch.randint(0, x.shape[0], (batch,), generator=gen).to(device)
         xb = x[idx].float() * scale  # the stored pixels as the model sees them, as the engine's loader does
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = student(xb)
-            soft = F.kl_div(
-                F.log_softmax(out.float() / temperature, 1),
-                F.softmax(teacher_logits[idx].float() / temperature, 1),
-                reduction="batchmean",
-            )
-            loss = 0.9 * temperature**2 * soft + 0.1 * F.cross_entropy(out.float(), y[idx])
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = forward(xb)
+        soft = F.kl_div(
+            F.log_softmax(out.float() / temperature, 1),
+            F.softmax(teacher_logits[idx].float() / temperature, 1),
+            reduction="batchmean",
+        )
+        loss = 0.9 * temperature**2 * soft + 0.1 * F.cross_entropy(out.float(), y[idx])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return steps * batch / (time.perf_counter() - start)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if device.type == "cuda" and i == steps - 1:
+            torch.cuda.synchronize(device)
+
+    return steps * batch / _steps(step, steps)
 
 
-def run(size: int, samples: int, steps: int, batch: int, device_name: str) -> dict:
+def run(
+    size: int,
+    samples: int,
+    steps: int,
+    batch: int,
+    device_name: str,
+    *,
+    precision: str = "auto",
+    channels_last: bool = True,
+    compile: bool = False,
+) -> dict:
     from kd_core.cache import TeacherLogitCache
     from kd_core.checkpoints import load_teacher
     from kd_core.config import ExperimentConfig
     from kd_core.data.loader import iterate
+    from kd_core.device import autocast_dtype, precision_name
     from kd_core.export import export_model
     from kd_core.models import build_model
     from kd_core.runner import run_experiment
     from kd_core.sinks import NullSink
 
     device = torch.device(device_name)
-    out: dict = {"size": size, "samples": samples, "steps": steps, "batch": batch, "device": str(device)}
+    out: dict = {
+        "size": size,
+        "samples": samples,
+        "steps": steps,
+        "batch": batch,
+        "device": str(device),
+        "precision": precision,
+        "computes_in": precision_name(autocast_dtype(device, precision)),
+        "channels_last": channels_last,
+        "compile": compile,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset = _make_store(tmp, size, samples)
@@ -130,6 +192,7 @@ def run(size: int, samples: int, steps: int, batch: int, device_name: str) -> di
             config = ExperimentConfig(
                 kind="distill", dataset=str(tmp), model=spec, epochs=1000, max_steps=steps, batch_size=batch,
                 log_every=max(1, steps), val_fraction=0.05, test_fraction=0.05, seed=0,
+                precision=precision, channels_last=channels_last, compile=compile,
             )  # fmt: skip
             _peak_reset(device)
             torch.manual_seed(0)
@@ -144,14 +207,22 @@ def run(size: int, samples: int, steps: int, batch: int, device_name: str) -> di
             _peak_reset(device)
             hand = _hand_loop(
                 student, logits, x, y, scale=dataset.x_scale, steps=steps, batch=batch, device=device,
-                temperature=4.0,
+                temperature=4.0, precision=precision, channels_last=channels_last, compile=compile,
             )  # fmt: skip
+            m = result.metrics
             out[name] = {
                 "engine_images_per_s": engine,
                 "hand_images_per_s": hand,
                 "engine_time_ratio": hand / engine if engine else None,
                 "engine_peak_mb": engine_peak,
                 "hand_peak_mb": _peak_mb(device),
+                # The engine's own figures for its training loop (what a job's result reports).
+                "loop_gpu_peak_allocated_mb": m.get("gpu_peak_allocated_mb"),
+                "loop_gpu_peak_reserved_mb": m.get("gpu_peak_reserved_mb"),
+                "process_peak_rss_mb": m.get("process_peak_rss_mb"),
+                "engine_precision": m.get("precision"),
+                "engine_compiled": m.get("compiled"),
+                "notes": m.get("notes", []),
             }
         teacher.close()
     return out
@@ -164,7 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile both loops (engine: with fallback)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="the small CPU smoke size, GPU or not")
     args = parser.parse_args(argv if argv is not None else [])
+    if args.smoke:
+        args.device = "cpu"
     if not available("torchvision"):
         print(
             "bench_gpu: torchvision does not import here; skipped (install torch==2.14.1 torchvision==0.29.1)"
@@ -178,7 +257,20 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch or (64 if gpu else 16)
     if not gpu:
         print(f"bench_gpu: no GPU; CPU smoke run at {size} px, {steps} steps (not GPU figures)")
-    result = run(size, samples, steps, batch, args.device)
+    result = run(
+        size,
+        samples,
+        steps,
+        batch,
+        args.device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
+    print(
+        f"precision {args.precision} (computes in {result['computes_in']}), channels_last {args.channels_last}, "
+        f"compile {args.compile}"
+    )
     rows = [
         ["teacher resnet50 logits", result["teacher_images_per_s"], "", "", result["teacher_peak_mb"] or "-"]
     ]
@@ -189,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
              r["engine_peak_mb"] or "-"]
         )  # fmt: skip
     print_table(["phase", "engine images/s", "hand images/s", "engine/hand time", "peak GPU MB"], rows)
+    for name in STUDENTS:
+        for note in result[name]["notes"]:
+            print(f"{name}: {note}")
     write_result("gpu" if gpu else "gpu-cpu-smoke", result)
 
 

@@ -25,6 +25,8 @@ ARCHS = ("mlp", "cnn", "resnet")
 # Library architectures, built by name (kd_core/models/library.py); the library is imported only then.
 LIBRARY_ARCHS = ("torchvision", "timm")
 KEEPS = ("best", "last")
+# Training arithmetic (kd_core/device.py resolves it for the device; kd_core/loop.py's Precision applies it).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 METHODS = ("hinton", "dkd", "dist")
 # Each distillation method's options and their defaults: the papers' (DKD: Zhao et al. 2022, CIFAR-100
 # settings; DIST: Huang et al. 2022). `ce_weight` weighs the hard-label term in both papers' totals.
@@ -80,8 +82,8 @@ class ExperimentConfig:
     # of another size is re-initialised. `init_preprocessing`: what those weights were trained with.
     init: int | str | None = None
     init_preprocessing: dict[str, Any] | None = None
-    # Data-parallel processes for one `train` job (the codistillation group machinery with one group:
-    # the global batch split across ranks, gradients all-reduced over gloo/NCCL, rank 0 reports).
+    # Data-parallel processes for one `train` or `distill` job (the codistillation group machinery with one
+    # group: the global batch split across ranks, gradients all-reduced over gloo/NCCL, rank 0 reports).
     devices: int = 1
     model: dict[str, Any] = field(default_factory=lambda: {"arch": "mlp", "hidden": [64]})
     epochs: int = 30
@@ -109,6 +111,12 @@ class ExperimentConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     log_every: int = 10
+    # The GPU path (kd_core/device.py): "auto" = bf16 autocast on CUDA where supported, else fp16 with a loss
+    # scaler; fp32 on the CPU. `channels_last`: NHWC memory format for image models. `compile`: torch.compile
+    # the training forward, falling back to eager with a note in the result's metrics if it fails.
+    precision: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
     # Seconds of running time after which the job stops and keeps what it trained (None: no limit of
     # its own; the web app also applies its site ceiling, KD_MAX_JOB_SECONDS).
     time_limit_s: float | None = None
@@ -322,13 +330,17 @@ def parse_config(data: Any) -> ExperimentConfig:
         with bad.check("devices"):
             _check_type("devices", values["devices"], (int,), "an integer")
             _range("devices", values["devices"], 1, 64)
-            if values["devices"] > 1 and values.get("kind", "train") != "train":
+            if values["devices"] > 1 and values.get("kind", "train") not in ("train", "distill"):
                 raise ConfigError(
-                    "'devices' > 1 runs kind 'train' as data-parallel processes; for distill it is not "
-                    "supported yet (use 1), for codistill set codistill.group_size"
+                    "'devices' > 1 runs one train or distill job as data-parallel processes; for codistill "
+                    "set codistill.group_size (each group's data-parallel processes)"
                 )
-            if values["devices"] > 1 and values.get("init") is not None:
-                raise ConfigError("'devices' > 1 cannot start from 'init' yet: use devices 1 with init")
+            batch = values.get("batch_size", 64)
+            if values["devices"] > 1 and isinstance(batch, int) and 0 < batch < 2 * values["devices"]:
+                raise ConfigError(
+                    f"'devices' {values['devices']} splits each batch of batch_size {batch} over that many "
+                    f"processes: batch_size must be at least {2 * values['devices']}"
+                )
     if values.get("teacher_arch") is not None:
         with bad.check("teacher_arch"):
             values["teacher_arch"] = validate_model_spec(values["teacher_arch"], "teacher_arch")
@@ -357,9 +369,13 @@ def parse_config(data: Any) -> ExperimentConfig:
         ("soft_loss", SOFT_LOSSES, "kl"),
         ("augment", AUGMENTS, "none"),
         ("keep", KEEPS, "best"),
+        ("precision", PRECISIONS, "auto"),
     ):
         with bad.check(key):
             _choice(key, values.get(key, default), choices)
+    for key in ("channels_last", "compile"):
+        with bad.check(key):
+            _check_type(key, values.get(key, False), (bool,), "true or false")
     _parse_method(values, bad)
     if "data_options" in values:
         with bad.check("data_options"):

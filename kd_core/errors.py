@@ -29,5 +29,9 @@ class TrainingError(KDError):
     """Training cannot go on (a NaN or infinite loss, for instance)."""
 
 
+class OutOfMemory(TrainingError):
+    """The device ran out of memory while training; the message names the batch size and what to try."""
+
+
 class Cancelled(KDError):
     """The caller's stop signal asked the run to stop."""

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from kd_core.atomic import atomic_write
 from kd_core.config import ExperimentConfig
 from kd_core.data.loader import batches_per_epoch
-from kd_core.device import autocast_dtype
-from kd_core.errors import ConfigError, DatasetError, TrainingError
+from kd_core.device import autocast_dtype, is_out_of_memory, peak_memory, precision_name, reset_peak_memory
+from kd_core.errors import ConfigError, DatasetError, OutOfMemory, TrainingError
 from kd_core.sinks import MetricsSink, flush_sink
 
 CHECKPOINT_FORMAT = 2  # 1: train/distill only, without numpy/python RNG; codistill had its own
@@ -84,13 +84,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 class Precision:
-    """The one mixed-precision policy: bf16 autocast on GPUs that have it, fp16 autocast with one loss
-    scaler per optimizer on older GPUs, full precision on the CPU."""
+    """The one mixed-precision policy, driven by config `precision` (resolved by device.autocast_dtype):
+    "auto" is bf16 autocast on GPUs that have it, fp16 autocast with one loss scaler per optimizer on older
+    GPUs, full precision on the CPU; "fp32", "bf16" (CUDA or CPU autocast) and "fp16" (CUDA only) are explicit.
+    A precision the device cannot run raises ConfigError here, before any training."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, mode: str = "auto") -> None:
         self.device = device
-        self.dtype = autocast_dtype(device)
+        self.mode = mode
+        self.dtype = autocast_dtype(device, mode)
         self.scalers: dict[str, torch.amp.GradScaler] = {}
+
+    @property
+    def name(self) -> str:
+        """What the run computes in: "fp32", "bf16" or "fp16" ("auto" resolved)."""
+        return precision_name(self.dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.dtype)
@@ -165,6 +173,9 @@ class LoopResult:
     resumed_from_step: int | None
     train_time_s: float
     samples_seen: int
+    # Peak memory of the run, named for what it is (device.peak_memory): GPU allocator peaks on CUDA,
+    # the process's peak RSS on the CPU.
+    memory: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -263,6 +274,8 @@ def run_loop(
         samples_seen, last_eval_step = int(state["samples_seen"]), int(state["last_eval_step"])
         set_rng_state(resumed["rng"], device)
     resumed_from = step if resumed is not None else None
+    reset_peak_memory(device)
+    cuda = device.type == "cuda"
     started = time.monotonic()
 
     def checkpoint() -> None:
@@ -305,7 +318,22 @@ def run_loop(
             stopped = True
             break
         lr = lr_at(config, step, total_steps, steps_per_epoch)
-        parts, samples = task.train_step(step, lr)
+        memory_error = None
+        try:
+            parts, samples = task.train_step(step, lr)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            memory_error = out_of_memory(exc, config, precision, f"training step {step + 1}")
+        if memory_error is not None:
+            # Raised outside the except block and unchained: the failed step's activations (held by the
+            # original's traceback) are freed already; cleared in `finally` so no reference cycle runs
+            # through this frame. The process gets the run's memory back as soon as its caller drops the
+            # error (a worker then takes its next job), without waiting for the garbage collector.
+            try:
+                raise memory_error
+            finally:
+                memory_error = None
         for name, value in parts.items():
             sums[name] = sums[name] + value if name in sums else value.clone()
         step += 1
@@ -322,11 +350,13 @@ def run_loop(
             values = task.train_values({k: float(v) for k, v in sums.items()}, interval_steps)
             values[task.prefix + "lr"] = lr
             values[task.prefix + "samples_per_s"] = interval_samples / max(now - interval_started, 1e-9)
+            if cuda:  # the GPU's peaks so far, beside the losses (on the CPU the result has the peak RSS)
+                values |= {task.prefix + "gpu/" + k[4:]: v for k, v in peak_memory(device).items()}
             sums.clear()
             interval_steps, interval_samples, interval_started = 0, 0, now
         evaluated = step % eval_every == 0 or step == total_steps
         if evaluated:
-            values |= task.evaluate(step)
+            values |= _evaluate(task, step, config, precision)
             last_eval_step = step
         if values:
             sink.log(step, values)
@@ -337,7 +367,7 @@ def run_loop(
 
     if last_eval_step != step:
         # A run cut short still reports (and keeps) its last weights.
-        values = task.evaluate(step)
+        values = _evaluate(task, step, config, precision)
         last_eval_step = step
         if values:
             sink.log(step, values)
@@ -351,7 +381,57 @@ def run_loop(
         resumed_from_step=resumed_from,
         train_time_s=elapsed_before + (time.monotonic() - started),
         samples_seen=samples_seen,
+        memory=peak_memory(device),
     )
+
+
+# --------------------------------------------------------------------------- out of memory
+
+
+def out_of_memory(
+    exc: BaseException, config: ExperimentConfig, precision: Precision, where: str, *, training: bool = True
+) -> OutOfMemory:
+    """The user's way out of an out-of-memory error: the batch size they ran with, a smaller one, precision.
+
+    `training` False: it ran out while evaluating, whose batches do not follow batch_size.
+    """
+    device = precision.device
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated(index) / 2**30
+        what = f"the GPU ({device}, {total:.1f} GiB; {peak:.1f} GiB held by tensors at the peak)"
+    else:
+        what = "the CPU's memory"
+    batch = config.batch_size
+    advice = []
+    if batch > 1 and training:
+        advice.append(f"batch_size {max(1, batch // 2)} or smaller")
+    if precision.dtype is None and device.type == "cuda":
+        advice.append("precision 'auto' (bf16 or fp16: about half the activation memory of fp32)")
+    elif precision.dtype is None and config.precision == "fp32":
+        advice.append("precision 'bf16'")
+    advice.append("a smaller model")
+    with_batch = f" with batch_size {batch}" if training else ""
+    # PyTorch's own first sentences say how much it tried to allocate (the rest is allocator tuning advice).
+    said = ". ".join(str(exc).strip().splitlines()[0].split(". ")[:2])[:240] if str(exc).strip() else ""
+    said = f' (PyTorch: "{said.rstrip(".")}.")' if said else ""
+    return OutOfMemory(f"{what} ran out at {where}{with_batch}{said}: try " + ", or ".join(advice))
+
+
+def _evaluate(task: Task, step: int, config: ExperimentConfig, precision: Precision) -> dict[str, float]:
+    memory_error = None
+    try:
+        return task.evaluate(step)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        where = f"the evaluation after step {step}"
+        memory_error = out_of_memory(exc, config, precision, where, training=False)
+    try:  # as in run_loop: no chained cause, no cycle through this frame
+        raise memory_error
+    finally:
+        memory_error = None
 
 
 def _check_finite(

@@ -15,14 +15,16 @@ from torch import Tensor, nn
 from kd_core.cache import CachedLogits
 from kd_core.config import ExperimentConfig
 from kd_core.data.loader import (
+    EVAL_BATCH_BYTES,
     RESIDENT_MAX_BYTES,
     Batches,
     batches_per_epoch,
+    eval_batch_size,
     flip_crop,
     iterate,
     make_batches,
 )
-from kd_core.device import autocast_dtype
+from kd_core.device import CompiledForward, autocast_dtype, image_model, to_channels_last
 from kd_core.errors import ConfigError, DatasetError, TrainingError
 from kd_core.loop import Precision, autocast, lr_at, make_optimizer, plan_steps, run_loop, set_lr
 from kd_core.losses import distillation_loss, kd_loss
@@ -58,6 +60,22 @@ class TrainOutcome:
     samples_per_s: float
     resumed_from_step: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)  # one row of val metrics per evaluation
+    precision: str = "fp32"  # what the run computed in ("auto" resolved)
+    # Peak memory of the training loop (LoopResult.memory); what the run did not do as asked, and why.
+    memory: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    compiled: bool | None = (
+        None  # config `compile`: whether the compiled forward ran to the end (None: not asked)
+    )
+
+    def run_metrics(self) -> dict[str, Any]:
+        """The result metrics of the GPU path: precision, peak memory, `compiled` and notes (when there are any)."""
+        return {
+            "precision": self.precision,
+            **self.memory,
+            **({"compiled": self.compiled} if self.compiled is not None else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
+        }
 
 
 def split_tensors(dataset: Any, split: str, device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -84,6 +102,8 @@ def predict_logits(
     Eval mode: dropout off and batch norm on its running statistics, so predictions do not depend
     on the batch. `dtype` runs the forward under autocast (None: full precision).
     """
+    per_row = 4 * math.prod(tuple(x.shape[1:]))
+    batch_size = max(1, min(batch_size, EVAL_BATCH_BYTES // max(1, per_row)))
     was_training = model.training
     model.eval()
     try:
@@ -173,24 +193,30 @@ def evaluate_split(
     temperature: float = 1.0,
     batch_size: int = EVAL_BATCH,
     partial_teacher: bool = False,
+    precision: str = "auto",
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Loss and accuracy on labels, agreement with the teacher (and the soft loss, unlabeled) when given,
     the teacher's own accuracy ("teacher_acc"); over a split in batches, never the whole split at once.
 
-    `batches` is an in-order `Batches` (kept by a loop that evaluates often) or a dataset.
+    `batches` is an in-order `Batches` (kept by a loop that evaluates often) or a dataset. `precision` is
+    the config's (device.autocast_dtype); `channels_last` feeds 4-D batches in NHWC order.
     """
     device = torch.device(device)
     source = (
         batches.each()
         if isinstance(batches, Batches)
-        else iterate(batches, split, batch_size=batch_size, device=device)
+        else iterate(batches, split, batch_size=eval_batch_size(batches, batch_size), device=device)
     )
     was_training = model.training
     model.eval()
     sums = _Sums()
+    dtype = autocast_dtype(device, precision)
     try:
         for x, y, idx in source:
-            with autocast(device, autocast_dtype(device)):
+            if channels_last:
+                x = to_channels_last(x)
+            with autocast(device, dtype):
                 out = model(x).float()
             tb = take_logits(teacher_logits, idx, device) if teacher_logits is not None else None
             _batch_metrics(sums, out, y, tb, temperature, partial_teacher)
@@ -208,11 +234,12 @@ def evaluate(
     teacher_logits: Tensor | None = None,
     temperature: float = 1.0,
     batch_size: int = EVAL_BATCH,
+    precision: str = "auto",
 ) -> dict[str, float]:
     """`evaluate_split` on tensors already in memory."""
     if x.shape[0] == 0:
         return {}
-    out = predict_logits(model, x, batch_size=batch_size, dtype=autocast_dtype(x.device))
+    out = predict_logits(model, x, batch_size=batch_size, dtype=autocast_dtype(x.device, precision))
     sums = _Sums()
     _batch_metrics(sums, out, y, teacher_logits, temperature)
     metrics = sums.means()
@@ -235,12 +262,39 @@ def teacher_on_split(
     """A teacher's float32 logits on a whole split, batch by batch (direct calls without the disk cache)."""
     parts = [
         torch.as_tensor(logits_fn(x)).to(device=device, dtype=torch.float32)
-        for x, _, _ in iterate(dataset, split, batch_size=EVAL_BATCH, device=device)
+        for x, _, _ in iterate(dataset, split, batch_size=eval_batch_size(dataset), device=device)
     ]
     return torch.cat(parts) if parts else torch.zeros((0, 0), device=device)
 
 
 # --------------------------------------------------------------------------- the train/distill step
+
+
+def batch_loss(
+    config: ExperimentConfig,
+    logits: Tensor,
+    labels: Tensor | None,
+    teacher: Tensor | None,
+    *,
+    epoch: float,
+    partial: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One batch's loss (cross entropy, or the config's distillation method against `teacher` logits) and
+    the parts to log. With `partial` (a soft-label teacher covering part of the set) rows of NaN logits
+    have no prediction: those samples get the hard loss only."""
+    if teacher is None:
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss, {"loss": loss.detach()}
+    covered = ~torch.isnan(teacher).any(dim=1) if partial else None
+    if covered is not None:
+        teacher = torch.nan_to_num(teacher)
+    c = config
+    loss, hard, soft = kd_loss(
+        logits, teacher, labels, method=c.method, options=c.method_options, temperature=c.temperature,
+        alpha=c.alpha, soft_loss=c.soft_loss, logit_standardization=c.logit_standardization,
+        epoch=epoch, covered=covered,
+    )  # fmt: skip
+    return loss, {"loss": loss.detach(), "loss_hard": hard.detach(), "loss_soft": soft.detach()}
 
 
 class TrainTask:
@@ -260,8 +314,13 @@ class TrainTask:
         teacher_logits: Mapping[str, Logits],
         teacher_per_batch: bool,
         partial_teacher: bool = False,
+        forward: Callable[[Tensor], Tensor] | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.model, self.config, self.device, self.precision = model, config, device, precision
+        # The training forward: the model itself, or its torch.compile'd wrapper (same parameters).
+        self.forward = forward or model
+        self.channels_last = channels_last
         self.distill = teacher_logits_fn is not None or bool(teacher_logits)
         # Soft-label teachers cover only some samples: NaN rows in their logits mean "no prediction".
         self.partial = partial_teacher
@@ -284,7 +343,9 @@ class TrainTask:
         self.per_batch = self.batches.augment is not None or teacher_per_batch
         if self.distill and self.per_batch and teacher_logits_fn is None:
             raise ConfigError("augmentation needs the teacher itself, not only its cached logits")
-        self.val = make_batches(dataset, "val", batch_size=EVAL_BATCH, seed=0, device=device, shuffle=False)
+        self.val = make_batches(
+            dataset, "val", batch_size=eval_batch_size(dataset), seed=0, device=device, shuffle=False
+        )
         precomputed = dict(teacher_logits)
         n_val = len(self.val.indices)
         self.teacher_val = None
@@ -321,8 +382,9 @@ class TrainTask:
     def train_step(self, step: int, lr: float) -> tuple[dict[str, Tensor], int]:
         x, y, idx = self.batches.get(step)
         set_lr(self.optimizer, lr)
+        xs = to_channels_last(x) if self.channels_last else x
         with self.precision.autocast():
-            logits = self.model(x)
+            logits = self.forward(xs)
         if self.distill:
             if self.teacher_train is not None:
                 tb = take_logits(self.teacher_train, idx, self.device)
@@ -330,19 +392,11 @@ class TrainTask:
                 # Augmented batch: the teacher must see the very view the student sees.
                 with torch.no_grad(), self.precision.autocast():
                     tb = torch.as_tensor(self.teacher_fn(x)).to(self.device)
-            c = self.config
-            covered = ~torch.isnan(tb).any(dim=1) if self.partial else None
-            if covered is not None:
-                tb = torch.nan_to_num(tb)
-            loss, hard, soft = kd_loss(
-                logits, tb, y, method=c.method, options=c.method_options, temperature=c.temperature,
-                alpha=c.alpha, soft_loss=c.soft_loss, logit_standardization=c.logit_standardization,
-                epoch=step / self.steps_per_epoch, covered=covered,
-            )  # fmt: skip
-            parts = {"loss": loss.detach(), "loss_hard": hard.detach(), "loss_soft": soft.detach()}
         else:
-            loss = F.cross_entropy(logits.float(), y)
-            parts = {"loss": loss.detach()}
+            tb = None
+        loss, parts = batch_loss(
+            self.config, logits, y, tb, epoch=step / self.steps_per_epoch, partial=self.partial
+        )
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss)
         self.precision.step(self.optimizer)
@@ -365,6 +419,7 @@ class TrainTask:
         metrics = evaluate_split(
             self.model, self.val, device=self.device, teacher_logits=self.teacher_val,
             temperature=self.config.temperature, partial_teacher=self.partial,
+            precision=self.config.precision, channels_last=self.channels_last,
         )  # fmt: skip
         metrics.pop("teacher_acc", None)
         if not metrics:
@@ -421,14 +476,23 @@ def train_model(
     (those samples train on their label only; see `kd_loss`).
     """
     device = torch.device(device)
+    precision = Precision(device, config.precision)  # refuses a precision the device cannot run, first
+    notes: list[str] = []
     model.to(device)
     model.train()
-    precision = Precision(device)
+    channels_last = config.channels_last and image_model(tuple(dataset.input_shape))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    elif config.channels_last:
+        notes.append(
+            "channels_last: ignored, the inputs are not images (it applies to 4-D N, C, H, W batches only)"
+        )
+    forward = CompiledForward(model) if config.compile else None
     torch.manual_seed(config.seed)  # dropout; the data order and augmentation follow (seed, step)
     task = TrainTask(
         model, dataset, config, device=device, precision=precision, teacher_logits_fn=teacher_logits_fn,
         teacher_logits=teacher_logits or {}, teacher_per_batch=teacher_per_batch,
-        partial_teacher=partial_teacher,
+        partial_teacher=partial_teacher, forward=forward, channels_last=channels_last,
     )  # fmt: skip
     total_steps, steps_per_epoch = plan_steps(config, len(task.batches.indices))
     try:
@@ -439,6 +503,10 @@ def train_model(
         )  # fmt: skip
     finally:
         task.close()
+        if channels_last:  # exports (safetensors) and callers expect ordinary contiguous weights
+            model.to(memory_format=torch.contiguous_format)
+    if forward is not None and forward.note:
+        notes.append(forward.note)
     # keep "best": the best weights on validation; "last": the model as trained, reported as last evaluated.
     if config.keep == "best" and task.best_state is not None:
         model.load_state_dict(task.best_state)
@@ -456,4 +524,8 @@ def train_model(
         samples_per_s=result.samples_seen / max(result.train_time_s, 1e-9),
         resumed_from_step=result.resumed_from_step,
         history=task.history,
+        precision=precision.name,
+        memory=result.memory,
+        notes=notes,
+        compiled=forward.compiled if forward is not None else None,
     )

@@ -7,6 +7,8 @@ import logging
 from celery import shared_task
 from celery.signals import worker_ready
 
+from workers import gpu  # noqa: F401 - connects the one-process-per-GPU signals (KD_GPUS)
+
 log = logging.getLogger(__name__)
 
 

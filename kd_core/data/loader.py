@@ -25,6 +25,8 @@ RESIDENT_MAX_BYTES = int(os.environ.get("KD_RESIDENT_MAX_MB", "1024")) * 1024 * 
 LOADER_WORKERS = int(os.environ.get("KD_LOADER_WORKERS", "0")) or min(4, os.cpu_count() or 1)
 NOISE_SCALE = 0.1  # "noise" augmentation: gaussian noise at this fraction of each feature's std
 _READ_CHUNK = 4096  # rows per read when a split is moved to the device whole or summed
+# Input bytes (float32) of one evaluation or teacher batch: bounds their activations' memory at any input size.
+EVAL_BATCH_BYTES = int(os.environ.get("KD_EVAL_BATCH_MB", "64")) * 1024 * 1024
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -65,6 +67,13 @@ def read_rows(dataset: Any, split: str, idx: np.ndarray) -> tuple[np.ndarray, np
     back[order] = np.arange(len(order))
     ys = None if y is None else np.asarray(y)[idx]
     return xs[back], ys
+
+
+def eval_batch_size(dataset: Any, cap: int = 1024, budget_bytes: int = EVAL_BATCH_BYTES) -> int:
+    """Rows per evaluation/teacher batch: `cap`, fewer for large inputs so a batch's float32 inputs stay
+    under `budget_bytes` (1,024 rows at 224 px would be 600 MB of input and GBs of activations)."""
+    per_row = 4 * math.prod(tuple(dataset.input_shape))
+    return max(1, min(int(cap), budget_bytes // max(1, per_row)))
 
 
 def nbytes_float32(dataset: Any, split: str) -> int:

@@ -76,3 +76,28 @@ def test_streamed_uint8_store_equals_resident_with_flip_crop(tmp_path):
                 assert torch.equal(got, exp)
     finally:
         streamed.close()
+
+
+def test_evaluation_batches_are_bounded_by_input_bytes(tmp_path, monkeypatch):
+    """1,024 rows at 224 px would be 600 MB of float32 input (and GBs of activations) per eval batch."""
+    from kd_core import trainer
+    from kd_core.data import loader
+
+    ds = _uint8_store(tmp_path)
+    per_row = 4 * int(np.prod(ds.input_shape))
+    assert loader.eval_batch_size(ds) == min(1024, loader.EVAL_BATCH_BYTES // per_row)
+    budget = 5 * per_row  # a budget of five rows, so this small store shows the bound
+    monkeypatch.setattr(loader, "EVAL_BATCH_BYTES", budget)
+    monkeypatch.setattr(trainer, "EVAL_BATCH_BYTES", budget)
+    assert loader.eval_batch_size(ds, budget_bytes=budget) == 5
+
+    seen: list[int] = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return x.flatten(1)[:, :4]
+
+    x, _ = loader.read_rows(ds, "train", np.arange(12))
+    trainer.predict_logits(Probe(), torch.from_numpy(np.asarray(x, np.float32)))
+    assert seen and max(seen) <= 5 and sum(seen) == 12
