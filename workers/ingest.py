@@ -7,6 +7,12 @@ while it still holds the row; an attempt that finds the row gone (deleted meanwh
 removes what it wrote. A worker killed mid-ingest leaves a row whose heartbeat goes stale: `sweep_stale`
 (run by `workers.cleanup`) clears the claim, removes the partial files and enqueues the ingest again, and
 after KD_MAX_ATTEMPTS claims fails the dataset saying so. A row is ready only with its whole store.
+
+Datasets uploaded before the store existed (ready, an upload, no store) are converted by the same task when
+first used (`webapp.studio.dataset_index.ensure_store` enqueues it): the row stays ready throughout (jobs keep
+reading the upload), is claimed and heartbeats like an ingest, and gets its store in one conditional UPDATE.
+The upload is then deleted, or, while a queued or running experiment may still read it, by a later sweep.
+A file the store refuses leaves the row ready with the reason in `error`; a killed conversion is restarted.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ UNCLAIMED_AFTER_S = 3600.0
 class Attempt:
     """This delivery's hold on an ingesting row: progress writes, heartbeat thread, `should_stop`."""
 
-    def __init__(self, dataset_id: int, token: str) -> None:
+    def __init__(self, dataset_id: int, token: str, converting: bool = False) -> None:
         self.dataset_id, self.token = dataset_id, token
+        self.converting = converting  # a ready row being given its store: its progress stays 1
         self.lost = False
         self._last_progress = 0.0
         self._last_check = 0.0
@@ -46,7 +53,8 @@ class Attempt:
     def _rows(self):
         from webapp.studio.models import Dataset
 
-        return Dataset.objects.filter(pk=self.dataset_id, status=Dataset.INGESTING, ingest_token=self.token)
+        status = Dataset.READY if self.converting else Dataset.INGESTING
+        return Dataset.objects.filter(pk=self.dataset_id, status=status, ingest_token=self.token)
 
     def progress(self, fraction: float) -> None:
         now = time.monotonic()
@@ -54,7 +62,8 @@ class Attempt:
             return
         self._last_progress = self._last_check = now
         value = min(max(float(fraction), 0.0), 0.999)  # 1.0 means ready, written with the store
-        if not self._rows().update(progress=value, heartbeat=timezone.now()):
+        fields = {} if self.converting else {"progress": value}
+        if not self._rows().update(heartbeat=timezone.now(), **fields):
             self.lost = True
 
     def should_stop(self) -> bool:
@@ -105,6 +114,8 @@ def run(dataset_id: int) -> str:
     from webapp.studio.storage import local_path
 
     row = Dataset.objects.filter(pk=dataset_id).first()
+    if row is not None and row.status == Dataset.READY and not row.store and row.file:
+        return convert(row)
     if row is None or row.status != Dataset.INGESTING:
         return "gone"  # deleted meanwhile, or already settled (a redelivered message)
     token = claim(dataset_id)
@@ -149,6 +160,121 @@ def run(dataset_id: int) -> str:
         return "failed"
 
 
+def _legacy_rows(dataset_id: int):
+    """The row while it is a ready dataset with an upload and no store (what a conversion may touch)."""
+    from webapp.studio.models import Dataset
+
+    return Dataset.objects.filter(pk=dataset_id, status=Dataset.READY, store="").exclude(file="")
+
+
+def claim_conversion(dataset_id: int) -> str | None:
+    """Take a ready row that has an upload but no store (and no recorded refusal); its token, or None."""
+    token = uuid.uuid4().hex
+    claimed = (
+        _legacy_rows(dataset_id)
+        .filter(ingest_token="", error="")
+        .update(ingest_token=token, heartbeat=timezone.now(), attempts=F("attempts") + 1)
+    )
+    return token if claimed else None
+
+
+def convert(row: Any) -> str:
+    """Give a dataset uploaded before the store existed its store; "converted", "failed", "stopped", "busy"
+    or "gone". The row stays ready throughout: jobs read its upload until the store is recorded. No quota
+    check: the data was accepted when it was uploaded, and its store replaces it."""
+    from kd_core.data.store import IngestStopped
+    from kd_core.errors import Cancelled, DatasetError
+    from webapp.studio import stores
+    from webapp.studio.storage import local_path
+
+    token = claim_conversion(row.pk)
+    if token is None:
+        return "busy" if _legacy_rows(row.pk).exclude(ingest_token="").exists() else "gone"
+    store = f"{row.store_folder}/{token}"
+    shown = PurePath(row.file.name).name
+    attempt = Attempt(row.pk, token, converting=True)
+    try:
+        with attempt:
+            with local_path(row.file) as path:
+                summary, size = stores.ingest_to_storage(
+                    path, store, options=row.options or {}, progress=attempt.progress,
+                    should_stop=attempt.should_stop,
+                )  # fmt: skip
+        if finish_conversion(row.pk, token, store, summary, size):
+            return "converted"
+        stores.delete_tree(store)  # deleted or taken over meanwhile
+        return "stopped"
+    except Exception as exc:  # noqa: BLE001 - the claim must be released whatever went wrong
+        stores.delete_tree(store)
+        if attempt.lost or isinstance(exc, IngestStopped | Cancelled):
+            return "stopped"
+        if not isinstance(exc, DatasetError | OSError):
+            log.exception("converting dataset %s failed", row.pk)
+        # A refused file is recorded (asking again would fail the same way); anything else may pass later.
+        error = (
+            f"could not be converted to the dataset store: {_reason(exc, shown)}"
+            if isinstance(exc, DatasetError)
+            else ""
+        )
+        _legacy_rows(row.pk).filter(ingest_token=token).update(
+            ingest_token="", heartbeat=None, error=error[:2000]
+        )
+        return "failed"
+
+
+def finish_conversion(dataset_id: int, token: str, store: str, summary: dict[str, Any], size: int) -> bool:
+    """Record the store under `token`; the upload goes now, or (in use by an active experiment) in a sweep."""
+    from webapp.studio.models import Experiment
+    from webapp.studio.services import _jsonable
+    from webapp.studio.storage import delete_quietly
+
+    rows = _legacy_rows(dataset_id).filter(ingest_token=token)
+    upload = rows.values_list("file", flat=True).first()
+    if upload is None:
+        return False
+    # A job that resolved the upload's path may not have opened it yet: keep it while one is active.
+    in_use = Experiment.objects.filter(dataset_id=dataset_id, status__in=Experiment.ACTIVE).exists()
+    updated = rows.update(
+        store=store, inspection=_jsonable(summary), size=size, ingest_token="", heartbeat=None, error="",
+        **({} if in_use else {"file": ""}),
+    )  # fmt: skip
+    if updated and not in_use:
+        delete_quietly(upload)
+    return bool(updated)
+
+
+def _sweep_conversions(stale_s: float) -> int:
+    """Restart conversions whose worker stopped (after KD_MAX_ATTEMPTS, record why and stop), and delete
+    uploads kept for experiments that were active when their store was recorded. Returns how many."""
+    from webapp.studio import services, stores
+    from webapp.studio.models import Dataset, Experiment
+    from webapp.studio.storage import delete_quietly
+
+    count = 0
+    stale = Dataset.objects.filter(status=Dataset.READY, store="").exclude(ingest_token="").exclude(file="")
+    for row in stale.filter(heartbeat__lt=timezone.now() - datetime.timedelta(seconds=stale_s)):
+        rows = _legacy_rows(row.pk).filter(ingest_token=row.ingest_token)
+        if row.attempts >= int(getattr(settings, "KD_MAX_ATTEMPTS", 3)):
+            error = (
+                f"could not be converted to the dataset store: the conversion stopped {row.attempts} times "
+                "(the worker died, perhaps out of memory)"
+            )
+            count += rows.update(ingest_token="", heartbeat=None, error=error)
+            continue
+        if rows.update(ingest_token="", heartbeat=None):
+            stores.delete_tree(row.store_folder)  # no store recorded: everything under it is partial
+            services.enqueue_ingest(row.pk)
+            count += 1
+    kept = Dataset.objects.filter(status=Dataset.READY).exclude(store="").exclude(file="")
+    for pk, upload in kept.values_list("pk", "file"):
+        if Experiment.objects.filter(dataset_id=pk, status__in=Experiment.ACTIVE).exists():
+            continue
+        if Dataset.objects.filter(pk=pk, file=upload).exclude(store="").update(file=""):
+            delete_quietly(upload)
+            count += 1
+    return count
+
+
 def _reason(exc: BaseException, shown: str) -> str:
     from kd_core.errors import DatasetError
     from webapp.studio import services
@@ -185,6 +311,7 @@ def sweep_stale(stale_s: float | None = None, unclaimed_s: float = UNCLAIMED_AFT
     A claimed row whose heartbeat is older than `stale_s` (KD_INGEST_STALE_S) lost its worker: its claim is
     cleared under the old token (so a late write of that worker changes nothing), its partial files removed,
     and the ingest enqueued again. A row never claimed for `unclaimed_s` (a lost message) is enqueued again.
+    Conversions of datasets older than the store get the same restart (`_sweep_conversions`).
     """
     from webapp.studio import services, stores
     from webapp.studio.models import Dataset
@@ -213,4 +340,4 @@ def sweep_stale(stale_s: float | None = None, unclaimed_s: float = UNCLAIMED_AFT
     for pk in lost.values_list("pk", flat=True):
         services.enqueue_ingest(pk)
         count += 1
-    return count
+    return count + _sweep_conversions(stale_s)

@@ -28,7 +28,7 @@ def create_soft_label_checkpoint(
     from kd_core.errors import CheckpointError
     from kd_core.soft_labels import coverage_of, read_soft_labels
     from webapp.studio import services
-    from webapp.studio.dataset_index import sample_splits
+    from webapp.studio.dataset_index import ensure_store, sample_splits
     from webapp.studio.storage import local_path
     from webapp.studio.stores import local_store
 
@@ -38,10 +38,12 @@ def create_soft_label_checkpoint(
             "with it; GET /api/datasets/{id}/index/ lists the sample indices it refers to",
             fields={"dataset": "required for soft labels"},
         )
+    if not dataset.store and dataset.format != "builtin" and dataset.file:
+        ensure_store(dataset)  # uploaded before stores existed: its conversion starts; 409 says to ask again
     if not dataset.store:
         raise ApiError(
-            f"dataset “{dataset.name}” has no stable sample index (a built-in dataset, or one uploaded before "
-            "stores existed): upload the data as a dataset, then soft labels for it",
+            f"dataset “{dataset.name}” has no stable sample index (a built-in dataset): upload the data as a "
+            "dataset, then soft labels for it",
             fields={"dataset": "no sample index"},
         )
     checkpoint = Checkpoint(

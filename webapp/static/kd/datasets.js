@@ -5,6 +5,7 @@ const form = $("#upload-form");
 const fileInput = $("#ds-file");
 const nameInput = $("#ds-name");
 const labelField = $("#label-field");
+const sizeField = $("#size-field");
 const bar = $("#upload-progress");
 const pct = $("#upload-pct");
 const msg = $("#upload-msg");
@@ -13,6 +14,7 @@ const inspection = $("#inspection");
 fileInput.addEventListener("change", () => {
   const f = fileInput.files[0];
   labelField.classList.toggle("hidden", !(f && /\.csv$/i.test(f.name)));
+  sizeField.classList.toggle("hidden", !(f && /\.zip$/i.test(f.name)));
   if (f && !nameInput.value) nameInput.placeholder = f.name.replace(/\.[^.]+$/, "");
 });
 
@@ -25,6 +27,8 @@ form.addEventListener("submit", async (ev) => {
   fd.append("file", f);
   fd.append("name", nameInput.value.trim() || f.name.replace(/\.[^.]+$/, ""));
   if (/\.csv$/i.test(f.name)) fd.append("label_column", $("#ds-label").value.trim() || "label");
+  // Left empty, the server's default side applies; a bad value is refused by the API in words.
+  if (/\.zip$/i.test(f.name) && $("#ds-size").value.trim()) fd.append("image_size", $("#ds-size").value.trim());
   msg.replaceChildren();
   bar.classList.remove("hidden");
   $("#upload-btn").disabled = true;
@@ -39,6 +43,7 @@ form.addEventListener("submit", async (ev) => {
     form.reset();
     nameInput.placeholder = "taken from the file name";
     labelField.classList.add("hidden");
+    sizeField.classList.add("hidden");
     await loadList();
     await show(ds.id, ds);
   } catch (e) {
@@ -60,7 +65,8 @@ importForm.addEventListener("submit", async (ev) => {
   if (!path) { showError(out, "Give a path under the server's import folder."); return; }
   $("#import-btn").disabled = true;
   try {
-    const ds = await apiSend("POST", "/api/datasets/", { name: $("#imp-name").value.trim() || undefined, import_path: path });
+    const size = $("#imp-size").value.trim();
+    const ds = await apiSend("POST", "/api/datasets/", { name: $("#imp-name").value.trim() || undefined, import_path: path, image_size: size || undefined });
     out.replaceChildren(el("div", { class: "alert note", id: "import-ingesting", text: `Dataset “${ds.name}” is registered; a worker is ingesting it in place.` }));
     importForm.reset();
     await loadList();
