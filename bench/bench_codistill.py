@@ -1,7 +1,17 @@
-"""Codistillation at small scale (Anil et al. 2018): vs one replica and independent replicas, churn, exchange period, throughput."""
+"""Codistillation at small scale (Anil et al. 2018): vs one replica and independent replicas, churn, exchange period, throughput.
+
+Parts (all by default; name some to run only those: `python -m bench.bench_codistill keep`):
+- quality: final/min validation loss, accuracy, ensemble, churn and steps to a target loss per exchange period;
+- keep: test churn of two codistilled replicas vs two independent ones with `keep` "best" and "last", on
+  digits with 30% of the train AND validation labels wrong (a user's validation labels are as noisy as
+  the training ones, so "best on validation" is early stopping on noise; issue 11);
+- throughput: samples/s per replica in each placement;
+- batching: one step of N replicas, a Python loop vs torch.func vmap.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,8 +27,9 @@ import torch
 
 from bench.common import mean_std, print_table, write_result
 from kd_core.codistill import run_codistill
-from kd_core.config import parse_config
+from kd_core.config import CodistillConfig, parse_config
 from kd_core.data import load_dataset
+from kd_core.data.dataset import flip_labels
 from kd_core.sinks import ListSink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +47,10 @@ DATASETS = {
 STEPS = 1200
 BURN_IN = 100
 THROUGHPUT_STEPS = 600
+PARTS = ("quality", "keep", "throughput", "batching")
+# keep part: label noise on train and validation; the codistillation settings a user gets by default.
+KEEP_NOISE = 0.3
+KEEP_CODISTILL = CodistillConfig()
 
 
 def _config(name: str, seed: int, replicas: int, burn_in: int, every: int, steps: int = STEPS, **extra: Any):
@@ -150,6 +165,66 @@ def quality(tmp: Path) -> tuple[list[dict[str, Any]], list[list[Any]]]:
 
 def _pm(ms: tuple[float, float] | None) -> str:
     return "-" if ms is None else f"{ms[0]:.3f}±{ms[1]:.3f}"
+
+
+def _noisy_digits() -> Any:
+    """digits with KEEP_NOISE of the train and the validation labels flipped to another class (test clean)."""
+    full = load_dataset("digits", seed=0)
+    n = full.num_classes
+    return dataclasses.replace(
+        full,
+        y_train=flip_labels(full.y_train, KEEP_NOISE, n, seed=1),
+        y_val=flip_labels(full.y_val, KEEP_NOISE, n, seed=2),
+        fingerprint=f"{full.fingerprint}:noise{KEEP_NOISE}-train-val",
+    )
+
+
+def keep_churn(tmp: Path) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+    """Test churn, codistilled vs independent pairs, with the best-on-(noisy)-validation or the last weights.
+
+    "2 independent" is the same 2-replica run with a burn-in past the last step: each replica trains on the
+    labels alone, with its own init and data order, exactly as the codistilled pair does before burn-in.
+    """
+    dataset = _noisy_digits()
+    cd = KEEP_CODISTILL
+    arms = {"2 independent": STEPS, "codistill": cd.burn_in_steps}
+    records, rows = [], []
+    for keep in ("best", "last"):
+        runs: dict[str, list[dict[str, float]]] = {a: [] for a in arms}
+        for seed in SEEDS:
+            for arm, burn_in in arms.items():
+                cfg = _config("digits", seed, 2, burn_in, cd.exchange_every, keep=keep)
+                m = run_codistill(
+                    cfg, dataset, out_dir=tmp / "keep", sink=ListSink(), device="cpu", export=False
+                ).metrics
+                runs[arm].append({
+                    "seed": seed, "test_churn": m["test_churn"], "val_churn": m["churn"],
+                    "test_acc": (m["replica0_test_acc"] + m["replica1_test_acc"]) / 2,
+                    "ensemble_test_acc": m["ensemble_test_acc"],
+                    "kept_step": (m["replica0_kept_step"] + m["replica1_kept_step"]) / 2,
+                })  # fmt: skip
+        ind = [r["test_churn"] for r in runs["2 independent"]]
+        co = [r["test_churn"] for r in runs["codistill"]]
+        change = mean_std([(c - i) / max(i, 1e-9) for c, i in zip(co, ind)])
+        for arm, rs in runs.items():
+            rec = {
+                "keep": keep,
+                "method": arm,
+                "runs": rs,
+                **{
+                    k: mean_std([r[k] for r in rs])
+                    for k in ("test_churn", "test_acc", "ensemble_test_acc", "kept_step")
+                },
+            }
+            if arm == "codistill":
+                rec["churn_change_vs_independent"] = change
+            records.append(rec)
+            rows.append([
+                keep, arm, _pm(rec["test_churn"]), _pm(rec["test_acc"]), _pm(rec["ensemble_test_acc"]),
+                f"{rec['kept_step'][0]:.0f}",
+                f"{change[0] * 100:+.0f}% ± {change[1] * 100:.0f}%" if arm == "codistill" else "-",
+            ])  # fmt: skip
+    return records, rows
 
 
 WORKER = textwrap.dedent(
@@ -298,55 +373,79 @@ def batching() -> tuple[list[dict[str, Any]], list[list[Any]]]:
     return out, rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parts = list(argv) if argv else list(PARTS)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest and least disturbed by neighbours
     started = time.perf_counter()
+    payload: dict[str, Any] = {
+        "settings": {"steps": STEPS, "burn_in": BURN_IN, "seeds": list(SEEDS), "datasets": DATASETS},
+    }
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            records, rows = quality(Path(tmp))
-            speed, speed_rows = throughput(Path(tmp))
-            batch, batch_rows = batching()
+            if "quality" in parts:
+                records, rows = quality(Path(tmp))
+                payload["quality"] = records
+                print(
+                    f"\nCodistillation, 2 replicas, MLP [128,128], {STEPS} steps, burn-in {BURN_IN}, "
+                    f"seeds {list(SEEDS)} (mean±std)"
+                )
+                print(
+                    "val loss: mean over replicas at the final step; val/test acc, ensemble, churn: each replica's "
+                    "kept (best-on-validation) weights; target: the best val loss 1 replica reaches (same seed)"
+                )
+                print_table(
+                    [
+                        "dataset",
+                        "method",
+                        "final val loss",
+                        "min val loss",
+                        "val acc",
+                        "test acc",
+                        "ensemble val acc",
+                        "ensemble test acc",
+                        "churn",
+                        "steps to target",
+                    ],
+                    rows,
+                )
+            if "keep" in parts:
+                records, rows = keep_churn(Path(tmp))
+                payload["keep"] = {"noise": KEEP_NOISE, "codistill": dataclasses.asdict(KEEP_CODISTILL),
+                                   "records": records}  # fmt: skip
+                cd = KEEP_CODISTILL
+                print(
+                    f"\nTest churn of 2 replicas, digits with {KEEP_NOISE:.0%} of train and val labels wrong, MLP "
+                    f"[128,128], {STEPS} steps, burn-in {cd.burn_in_steps}, exchange every {cd.exchange_every}, "
+                    f"seeds {list(SEEDS)} (mean±std); change: codistilled vs independent churn, paired by seed"
+                )
+                print_table(
+                    ["keep", "method", "test churn", "test acc", "ensemble test acc", "kept step", "change"],
+                    rows,
+                )
+            if "throughput" in parts:
+                payload["throughput"], speed_rows = throughput(Path(tmp))
+                print(
+                    f"\nThroughput, samples/s per replica ({THROUGHPUT_STEPS} steps, 1 thread per process, 2-core CPU)"
+                )
+                print_table(["mode", "processes", "samples/s per replica", "vs alone"], speed_rows)
+            if "batching" in parts:
+                payload["loop_vs_vmap"], batch_rows = batching()
+                print("\nOne step of N replicas (MLP [128,128], batch 64, Adam, 1 thread): ms per step")
+                print_table(["replicas", "python loop", "vmap (torch.func)"], batch_rows)
     finally:
         torch.set_num_threads(threads)
-    print(
-        f"\nCodistillation, 2 replicas, MLP [128,128], {STEPS} steps, burn-in {BURN_IN}, seeds {list(SEEDS)} (mean±std)"
+    payload["wall_s"] = time.perf_counter() - started
+    # A partial run gets a file of its own, so it never replaces the full run's.
+    name = (
+        "codistill" if set(parts) == set(PARTS) else "codistill_" + "_".join(p for p in PARTS if p in parts)
     )
-    print(
-        "val loss: mean over replicas at the final step; val/test acc, ensemble, churn: each replica's kept "
-        "(best-on-validation) weights; target: the best val loss 1 replica reaches (same seed)"
-    )
-    print_table(
-        [
-            "dataset",
-            "method",
-            "final val loss",
-            "min val loss",
-            "val acc",
-            "test acc",
-            "ensemble val acc",
-            "ensemble test acc",
-            "churn",
-            "steps to target",
-        ],
-        rows,
-    )
-    print(f"\nThroughput, samples/s per replica ({THROUGHPUT_STEPS} steps, 1 thread per process, 2-core CPU)")
-    print_table(["mode", "processes", "samples/s per replica", "vs alone"], speed_rows)
-    print("\nOne step of N replicas (MLP [128,128], batch 64, Adam, 1 thread): ms per step")
-    print_table(["replicas", "python loop", "vmap (torch.func)"], batch_rows)
-    path = write_result(
-        "codistill",
-        {
-            "settings": {"steps": STEPS, "burn_in": BURN_IN, "seeds": list(SEEDS), "datasets": DATASETS},
-            "quality": records,
-            "throughput": speed,
-            "loop_vs_vmap": batch,
-            "wall_s": time.perf_counter() - started,
-        },
-    )
-    print(f"\nwrote {path} in {time.perf_counter() - started:.0f} s")
+    path = write_result(name, payload)
+    print(f"\nwrote {path} in {payload['wall_s']:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

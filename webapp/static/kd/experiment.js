@@ -141,6 +141,31 @@ async function warnChance(m) {
     "It learned nothing: the learning rate is probably too high (see the training loss), or the labels carry no signal."));
 }
 
+// How the run computed: its precision and peak memory, each named for what it measures (GPU tensors, or the CPU process).
+function runFacts(m) {
+  const facts = [];
+  if (m.precision) {
+    const how = m.compiled === true ? " · torch.compile" : m.compiled === false ? " · eager (compile failed)" : "";
+    facts.push(stat(m.precision, `precision${how}`, "precision"));
+  }
+  const mib = (v) => fmtBytes(v * 2 ** 20);
+  if (typeof m.gpu_peak_allocated_mb === "number") {
+    const box = stat(mib(m.gpu_peak_allocated_mb), "GPU peak allocated (training)", "gpu_peak_allocated_mb");
+    if (typeof m.gpu_peak_reserved_mb === "number") box.append(el("div", { class: "l", text: `reserved: ${mib(m.gpu_peak_reserved_mb)}` }));
+    facts.push(box);
+  } else if (typeof m.process_peak_rss_mb === "number") {
+    facts.push(stat(mib(m.process_peak_rss_mb), "peak RSS of the worker process (CPU run; not GPU memory)", "process_peak_rss_mb"));
+  }
+  return facts;
+}
+
+// What the run did not do as asked (metrics.notes), as a short list; hidden when there is none.
+function renderNotes(m) {
+  const notes = Array.isArray(m.notes) ? m.notes.filter((n) => typeof n === "string" && n) : [];
+  $("#card-notes").classList.toggle("hidden", !notes.length);
+  $("#card-notes-list").replaceChildren(...notes.map((n) => el("li", { text: n })));
+}
+
 function renderModelCard() {
   const m = exp.metrics || {};
   const show = hasModel();
@@ -169,6 +194,7 @@ function renderModelCard() {
   for (let k = 0; m[`replica${k}_test_acc`] !== undefined; k++) {
     stats.push(stat(fmtPct(m[`replica${k}_test_acc`]), `replica ${k} test accuracy${m.best_replica === k ? " (best)" : ""}`, `replica${k}_test_acc`));
   }
+  stats.push(...runFacts(m));
   $("#card-stats").replaceChildren(...stats);
   $("#card-verdict").replaceChildren(...verdict(m));
   warnChance(m);
@@ -178,6 +204,7 @@ function renderModelCard() {
   // latency and speed-up are within noise, and a smaller student can time slower than its teacher.
   note.push(...latencyNotes(m));
   $("#card-note").textContent = note.join("; ") + ".";
+  renderNotes(m);
   renderDistilButton();
   renderContract();
 
@@ -331,11 +358,31 @@ function draw() {
   updateEmpty();
 }
 
-async function loadHistory() {
+// `since`: only steps after it (a reconnect: what the socket missed, exact up to 2,000 steps per series).
+let historyLoaded = false;
+async function loadHistory(since = null) {
   try {
-    const data = await apiGet(`/api/experiments/${id}/metrics/?max_points=2000`);
+    const after = since === null ? "" : `&since=${since}`;
+    const data = await apiGet(`/api/experiments/${id}/metrics/?max_points=2000${after}`);
     store.addHistory(data.series);
+    if (since === null) historyLoaded = true;
   } catch { /* the socket still brings live points; the next reconnect retries */ }
+}
+
+// Where a reconnect resumes: the oldest "newest step" among the series that came live (several sinks, e.g.
+// codistillation groups, move at their own pace), less one (a step's values may span two live messages; the
+// server closes a socket at the first message it cannot deliver, so everything before is here).
+const liveNames = new Set();
+function resumeStep() {
+  if (!historyLoaded) return null;
+  const names = liveNames.size ? [...liveNames] : store.names();
+  let last = Infinity;
+  for (const name of names) { const s = store.get(name)?.steps; if (s?.length) last = Math.min(last, s[s.length - 1]); }
+  return last === Infinity ? null : Math.max(-1, last - 1);
+}
+function noteLive(msg) {
+  const points = msg.type === "metric" ? [msg] : msg.points || [];
+  for (const p of points) for (const name of Object.keys(p.values || {})) liveNames.add(name);
 }
 
 // ---- live socket ---------------------------------------------------------------------------------
@@ -355,12 +402,12 @@ function connect() {
     backoff = 1000;
     setLive("● live", true);
     // Whatever was logged while we were away comes from the history; duplicates merge away.
-    loadHistory();
+    loadHistory(resumeStep());
   };
   socket.onmessage = (ev) => {
     let msg;
     try { msg = JSON.parse(ev.data); } catch { return; }
-    if (msg.type === "metric" || msg.type === "metrics") store.addMessage(msg);
+    if (msg.type === "metric" || msg.type === "metrics") { store.addMessage(msg); noteLive(msg); }
     else if (msg.type === "status") {
       const wasActive = ACTIVE.has(exp?.status);
       setStatus(msg.status, msg.progress, msg.eta_s);
@@ -368,11 +415,14 @@ function connect() {
       if (wasActive && !ACTIVE.has(msg.status)) loadExperiment();
     }
   };
+  // Closed by the server (4408 too slow, 4409 live messages lost, a restart) or the network: reconnect, then
+  // refetch what was missed. Jitter spreads hundreds of tabs closed at once (a Redis restart) over the backoff.
   socket.onclose = () => {
     socketOpen = false;
     if (closed) return;
-    setLive(`○ reconnecting in ${Math.round(backoff / 1000)}s`, false);
-    setTimeout(connect, backoff);
+    const wait = backoff * (0.5 + Math.random());
+    setLive(`○ reconnecting in ${Math.max(1, Math.round(wait / 1000))}s`, false);
+    setTimeout(connect, wait);
     backoff = Math.min(backoff * 2, 30000);
   };
 }

@@ -9,7 +9,7 @@ let teachers = [];
 let base = {};
 
 const KIND_HELP = {
-  distill: "Hinton et al. 2015: the student matches the teacher's softened outputs and the labels.",
+  distill: "The student learns from the teacher's outputs and the labels; the method is chosen under Distillation.",
   train: "Train a model on the labels alone: a baseline, or a teacher to distill later.",
   codistill: "Anil et al. 2018: replicas train together and each learns from the others' predictions.",
 };
@@ -28,6 +28,22 @@ function widths(id, label) {
 }
 
 class FieldError extends Error { constructor(field, message) { super(message); this.field = field; } }
+
+// Each method's options as the form edits them (kd_core/config.py METHOD_OPTIONS; the inputs hold the papers' defaults).
+const METHOD_FIELDS = {
+  hinton: {},
+  dkd: { alpha: "#f-dkd-alpha", beta: "#f-dkd-beta", warmup_epochs: "#f-dkd-warmup_epochs", ce_weight: "#f-ce_weight" },
+  dist: { beta: "#f-dist-beta", gamma: "#f-dist-gamma", ce_weight: "#f-ce_weight" },
+};
+const METHOD_NAMES = { hinton: "Hinton KD", dkd: "DKD", dist: "DIST" };
+
+// Methods ticked to run side by side (a sweep over `method`), or null when fewer than two are ticked.
+function sweptMethods() {
+  const m = [...document.querySelectorAll("input[name=sweep-method]:checked")].map((c) => c.value);
+  return m.length >= 2 ? m : null;
+}
+// The methods this launch will run: the ticked ones, else the one chosen.
+const methodsRun = () => sweptMethods() || [$("#f-method").value];
 
 // Library models the architecture search has described: "torchvision/resnet18" -> {params, latency_ms}.
 const libInfo = new Map();
@@ -91,12 +107,31 @@ function config() {
   for (const k of ["lr", "weight_decay", "momentum", "val_fraction", "test_fraction"]) c[k] = num(`#f-${k}`);
   const maxSteps = num("#f-max_steps");
   if (maxSteps) c.max_steps = Math.round(maxSteps); else delete c.max_steps;
-  for (const k of ["optimizer", "schedule", "augment"]) c[k] = $(`#f-${k}`).value;
+  for (const k of ["optimizer", "schedule", "augment", "keep"]) c[k] = $(`#f-${k}`).value;
+  for (const k of ["method", "method_options", "logit_standardization"]) delete c[k];
+  // The GPU path's settings are sent only when changed, so a default config stays short (and the server's defaults apply).
+  for (const k of ["precision", "channels_last", "compile"]) delete c[k];
+  if ($("#f-precision").value !== "auto") c.precision = $("#f-precision").value;
+  for (const k of ["channels_last", "compile"]) if ($(`#f-${k}`).checked) c[k] = true;
   if (kind === "distill") {
     c.teacher = Number($("#f-teacher").value) || null;
     c.temperature = num("#f-temperature");
-    c.alpha = num("#f-alpha");
-    c.soft_loss = $("#f-soft_loss").value;
+    const methods = methodsRun();
+    // Side by side, each method runs with its paper's options (method_options belong to one method).
+    if (!sweptMethods()) {
+      c.method = methods[0];
+      const opts = {};
+      for (const [k, id] of Object.entries(METHOD_FIELDS[c.method])) opts[k] = num(id);
+      if (Object.keys(opts).length) c.method_options = opts;
+    }
+    if (methods.includes("hinton")) {
+      c.alpha = num("#f-alpha");
+      c.soft_loss = $("#f-soft_loss").value;
+    } else {
+      delete c.alpha;
+      delete c.soft_loss;
+    }
+    if (methods.some((m) => m !== "dist") && $("#f-logit_standardization").checked) c.logit_standardization = true;
   } else {
     delete c.teacher;
     delete c.teacher_arch;
@@ -117,9 +152,11 @@ function config() {
 function sweep() {
   if ($("#f-kind").value !== "distill") return null;
   const t = numList($("#f-sweep-t").value);
-  const a = numList($("#f-sweep-a").value);
-  if (!t.length && !a.length) return null;
+  const a = methodsRun().includes("hinton") ? numList($("#f-sweep-a").value) : [];
+  const m = sweptMethods();
+  if (!t.length && !a.length && !m) return null;
   const s = {};
+  if (m) s.method = m;
   if (t.length) s.temperature = t;
   if (a.length) s.alpha = a;
   return s;
@@ -167,7 +204,7 @@ function updateSize() {
   // The quick-launch summary says what the defaults will do, in the same numbers as the size box.
   if ($("#quick-summary")) {
     $("#quick-summary").textContent = tp
-      ? `A ${fmtCount(n)}-parameter student (${n < tp ? `${(tp / n).toFixed(1)}× smaller than the teacher` : "not smaller than the teacher"}), ${num("#f-epochs") || "?"} epochs at T = ${num("#f-temperature") ?? "?"}, alpha = ${num("#f-alpha") ?? "?"}. Change anything below, or launch now.`
+      ? `A ${fmtCount(n)}-parameter student (${n < tp ? `${(tp / n).toFixed(1)}× smaller than the teacher` : "not smaller than the teacher"}), ${num("#f-epochs") || "?"} epochs of ${methodsRun().map((m) => METHOD_NAMES[m]).join(" / ")} at T = ${num("#f-temperature") ?? "?"}${methodsRun().includes("hinton") ? `, alpha = ${num("#f-alpha") ?? "?"}` : ""}. Change anything below, or launch now.`
       : "Change anything below, or launch now.";
   }
 }
@@ -214,6 +251,26 @@ function updateKind() {
   $("#codistill-block").classList.toggle("hidden", kind !== "codistill");
 }
 
+// The chosen method's one-line explanation (templates/_method_help.html) and only the options it reads.
+function updateMethod() {
+  const warmup = $("#f-dkd-warmup_epochs");
+  const epochs = num("#f-epochs");
+  if (warmup.dataset.touched !== "1" && epochs >= 1) warmup.value = Math.round((epochs * 20 / 240) * 100) / 100;
+  const swept = sweptMethods();
+  const methods = methodsRun();
+  const standardizable = methods.some((m) => m !== "dist");
+  // Side by side, the ticked methods replace the one chosen here: only their explanations stay.
+  $("#f-method").classList.toggle("hidden", Boolean(swept));
+  for (const li of document.querySelectorAll("#method-help li")) {
+    li.hidden = li.dataset.method === "ls" ? !standardizable : !methods.includes(li.dataset.method);
+  }
+  $("#ls-field").classList.toggle("hidden", !standardizable);
+  for (const f of document.querySelectorAll("#kd-block .method-opt")) {
+    const shown = methods.some((m) => f.classList.contains(`opt-${m}`)) && (!swept || f.classList.contains("opt-hinton"));
+    f.classList.toggle("hidden", !shown);
+  }
+}
+
 function updateArch() {
   const arch = $("#f-arch").value;
   for (const f of document.querySelectorAll("#exp-form .field[class*='arch-']")) f.classList.toggle("hidden", !f.classList.contains(`arch-${arch}`));
@@ -221,13 +278,14 @@ function updateArch() {
 
 function refresh() {
   updateKind();
+  updateMethod();
   updateArch();
   updateSize();
   // The weight-decay advice matters only when weight decay is set.
   $("#wd-note").classList.toggle("hidden", !((num("#f-weight_decay") || 0) > 0));
   updateBurnIn();
   const s = sweep();
-  const count = s ? (s.temperature?.length || 1) * (s.alpha?.length || 1) : 0;
+  const count = s ? Object.values(s).reduce((n, values) => n * values.length, 1) : 0;
   $("#sweep-count").textContent = s ? `Launches ${count} experiments, one per combination.` : "";
   $("#launch-btn").textContent = s ? `Launch ${count} experiments` : "Launch";
   try {
@@ -241,7 +299,17 @@ function fill(c) {
   set("#f-name", c.name);
   set("#f-dataset", c.dataset);
   set("#f-teacher", c.teacher);
-  for (const k of ["epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "seed", "augment", "temperature", "alpha", "soft_loss",
+  set("#f-method", c.method);
+  if (c.logit_standardization !== undefined) $("#f-logit_standardization").checked = Boolean(c.logit_standardization);
+  set("#f-precision", c.precision);
+  for (const k of ["channels_last", "compile"]) if (c[k] !== undefined) $(`#f-${k}`).checked = Boolean(c[k]);
+  for (const [k, v] of Object.entries(c.method_options || {})) {
+    const id = METHOD_FIELDS[c.method || "hinton"]?.[k];
+    if (!id) continue;
+    set(id, v);
+    if (k === "warmup_epochs") $(id).dataset.touched = "1";
+  }
+  for (const k of ["epochs", "batch_size", "lr", "optimizer", "schedule", "weight_decay", "seed", "augment", "keep", "temperature", "alpha", "soft_loss",
     "log_every", "max_steps", "momentum", "val_fraction", "test_fraction"]) set(`#f-${k}`, c[k]);
   const m = c.model || {};
   if (m.arch === "torchvision" || m.arch === "timm") {
@@ -394,6 +462,7 @@ let libTimer = null;
 $("#f-libname").addEventListener("input", () => { clearTimeout(libTimer); libTimer = setTimeout(() => searchLibrary(false), 250); });
 $("#f-libname").addEventListener("change", () => searchLibrary(true));
 $("#c-burn_in_steps").addEventListener("input", () => { $("#c-burn_in_steps").dataset.touched = "1"; });
+$("#f-dkd-warmup_epochs").addEventListener("input", () => { $("#f-dkd-warmup_epochs").dataset.touched = "1"; });
 $("#exp-form").addEventListener("change", refresh);
 
 // --- errors where the eye is: every bad field marked, the message beside the button that was pressed ---
@@ -404,10 +473,12 @@ function fieldFor(key) {
   if (key === "model.name" || key.startsWith("model.kwargs")) return $("#f-libname");
   if (key.startsWith("model.")) return $(`#f-${key.slice(6)}`) || $("#f-arch");
   if (key === "model") return $("#f-arch");
+  if (key.startsWith("method_options.")) return $(METHOD_FIELDS[$("#f-method").value]?.[key.slice(15)] || "#f-method");
+  if (key === "method_options") return $("#f-method");
   return $(`#f-${key}`);
 }
 
-function labelOf(input) { return document.querySelector(`label[for="${input.id}"]`)?.textContent || input.id; }
+function labelOf(input) { return document.querySelector(`label[for="${input.id}"]`)?.textContent.trim() || input.id; }
 
 function clearMarks() {
   for (const f of document.querySelectorAll("#exp-form .field.invalid")) f.classList.remove("invalid");
@@ -461,6 +532,9 @@ function localProblems() {
   }
   const s = sweep();
   if (s && [...(s.temperature || []), ...(s.alpha || [])].some((v) => Number.isNaN(v))) problems.push([$("#f-sweep-t"), "sweep values must be numbers separated by commas"]);
+  if ($("#f-kind").value === "distill" && sweptMethods()?.includes("dist") && $("#f-logit_standardization").checked) {
+    problems.push([$("#f-logit_standardization"), "does not apply to DIST (its correlations ignore the logits' scale): untick it, or leave DIST out"]);
+  }
   return problems;
 }
 
