@@ -1,4 +1,4 @@
-// Teachers page: upload a checkpoint (format from the extension; a spec editor for bare state dicts).
+// Teachers page: upload a checkpoint (format from the extension; a spec editor and the input normalisation for weights).
 import { $, apiGet, apiSend, el, fmtCount, items, showError, uploadWithProgress } from "kd/api.js";
 
 const FORMATS = { safetensors: "safetensors", pt: "state dict", pth: "state dict", ts: "TorchScript", onnx: "ONNX" };
@@ -7,15 +7,26 @@ const archField = $("#arch-field");
 const archText = $("#ck-arch");
 const archErr = $("#arch-err");
 const msg = $("#upload-msg");
+const preField = $("#pre-field");
+const preSelect = $("#ck-pre");
+const preErr = $("#pre-err");
+// The zoo's own architectures, and the libraries whose models a plain state dict may come from.
+const ZOO = ["mlp", "cnn", "resnet"];
+const LIBRARIES = ["torchvision", "timm"];
+const IMAGENET = { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
 
 function ext(name) { const m = /\.([a-z]+)$/i.exec(name || ""); return m ? m[1].toLowerCase() : ""; }
 
 function onFile() {
   const f = fileInput.files[0];
   const e = ext(f?.name);
+  msg.replaceChildren(); // a refusal was about the previous file
   $("#ck-format").textContent = f ? (FORMATS[e] || `unsupported (.${e})`) : "–";
   // A state dict carries no architecture; a safetensors file may (ours do), so its spec is optional.
-  archField.classList.toggle("hidden", !(e === "pt" || e === "pth" || e === "safetensors"));
+  const weights = e === "pt" || e === "pth" || e === "safetensors";
+  archField.classList.toggle("hidden", !weights);
+  // Only weights can need it: a TorchScript or ONNX program carries its own preprocessing.
+  preField.classList.toggle("hidden", !weights);
   $("#arch-help").firstChild.textContent = e === "safetensors"
     ? "Optional for safetensors: needed only when the file carries no model spec in its metadata, e.g. "
     : "A bare state dict holds only weights: say which model they belong to, e.g. ";
@@ -23,6 +34,7 @@ function onFile() {
   if (e === "safetensors" && archText.dataset.touched !== "1") archText.value = "";
   if ((e === "pt" || e === "pth") && !archText.value.trim()) archText.value = '{"arch": "mlp", "hidden": [128]}';
   validateArch();
+  validatePre();
 }
 fileInput.addEventListener("change", onFile);
 archText.addEventListener("input", () => { archText.dataset.touched = "1"; validateArch(); });
@@ -34,9 +46,83 @@ function validateArch() {
   try {
     const spec = JSON.parse(text);
     if (!spec || typeof spec !== "object" || Array.isArray(spec)) throw new Error("the spec must be a JSON object");
-    if (!["mlp", "cnn", "resnet"].includes(spec.arch)) throw new Error('"arch" must be "mlp", "cnn" or "resnet"');
+    if (LIBRARIES.includes(spec.arch)) {
+      // The server's check (kd_core.config): only arch, name and kwargs; the name is the library's.
+      const unknown = Object.keys(spec).filter((k) => !["arch", "name", "kwargs"].includes(k));
+      if (unknown.length) throw new Error(`unknown field(s) for arch ${spec.arch}: ${unknown.join(", ")}`);
+      if (typeof spec.name !== "string" || !/^[A-Za-z0-9_.-]{1,100}$/.test(spec.name)) {
+        throw new Error(`"name" must be a ${spec.arch} model name such as ${spec.arch === "torchvision" ? "resnet18" : "mobilenetv3_small_100"}`);
+      }
+      if (spec.kwargs !== undefined && spec.kwargs !== null && (typeof spec.kwargs !== "object" || Array.isArray(spec.kwargs))) {
+        throw new Error('"kwargs" must be an object of builder arguments');
+      }
+    } else if (!ZOO.includes(spec.arch)) {
+      throw new Error('"arch" must be "mlp", "cnn", "resnet", "torchvision" or "timm"');
+    }
     return spec;
   } catch (e) { archErr.textContent = `Spec: ${e.message}`; return undefined; }
+}
+
+// Comma- or space-separated numbers; NaN marks a word that is not one.
+function numbers(text) { return text.split(/[\s,]+/).filter(Boolean).map((t) => (/^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$/i.test(t) ? Number(t) : NaN)); }
+
+// Channels of the chosen dataset's inputs (the first dimension of its shape), when one is chosen.
+function datasetChannels() {
+  const shape = datasetShapes.get(Number($("#ck-dataset").value));
+  return Array.isArray(shape) && shape.length ? shape[0] : null;
+}
+
+// Mirrors kd_core.config.validate_preprocessing (and, with a dataset chosen, its channel check):
+// undefined when refused (the reason is shown next to the field), null for none.
+function validatePre() {
+  preErr.textContent = "";
+  const custom = preSelect.value === "custom";
+  $("#pre-custom").classList.toggle("hidden", !custom);
+  for (const id of ["#ck-pre", "#ck-pre-mean", "#ck-pre-std"]) $(id).removeAttribute("aria-invalid");
+  if (preSelect.value === "") return null;
+  const value = custom ? { mean: numbers($("#ck-pre-mean").value), std: numbers($("#ck-pre-std").value) } : IMAGENET;
+  const channels = datasetChannels();
+  for (const part of ["mean", "std"]) {
+    const list = value[part];
+    const why = !list.length || list.length > 4096 ? "one number per input channel, separated by commas"
+      : list.some((v) => !Number.isFinite(v)) ? `finite numbers only${part === "std" ? ", all positive" : ""}`
+        : part === "std" && list.some((v) => v <= 0) ? "positive numbers only (it divides)"
+          : channels && list.length !== 1 && list.length !== channels ? `1 or ${channels} numbers: the chosen dataset's inputs have ${channels} channel${channels === 1 ? "" : "s"}`
+            : "";
+    if (why) {
+      preErr.textContent = `Preprocessing ${part}: ${why}.`;
+      (custom ? $(part === "mean" ? "#ck-pre-mean" : "#ck-pre-std") : preSelect).setAttribute("aria-invalid", "true");
+      return undefined;
+    }
+  }
+  return value;
+}
+preSelect.addEventListener("change", validatePre);
+for (const id of ["#ck-pre-mean", "#ck-pre-std", "#ck-dataset"]) $(id).addEventListener("input", validatePre);
+
+// A refusal that names a field is shown next to it too (the whole message stays under the button).
+function showFieldError(message) {
+  if (!preField.classList.contains("hidden") && /preprocessing|normalis/i.test(message)) preErr.textContent = message;
+  else if (!archField.classList.contains("hidden") && /'arch|spec|architecture/i.test(message)) archErr.textContent = message;
+}
+
+// A large upload is inspected by a worker (202 "inspecting"): wait for it to be ready or refused.
+async function settled(ck) {
+  const started = Date.now();
+  while (ck.status === "inspecting" && Date.now() - started < 15 * 60_000) {
+    $("#upload-pct").textContent = "inspecting…";
+    await new Promise((r) => setTimeout(r, 1500));
+    ck = await apiGet(`/api/checkpoints/${ck.id}/`);
+  }
+  if (ck.status === "failed") throw new Error(ck.error || "the file was refused");
+  return ck;
+}
+
+function describePre(p) {
+  if (!p) return null;
+  const same = (a, b) => a.length === b.length && a.every((v, i) => Math.abs(v - b[i]) < 1e-9);
+  const imagenet = same(p.mean, IMAGENET.mean) && same(p.std, IMAGENET.std);
+  return `${imagenet ? "ImageNet: " : ""}mean ${p.mean.join(", ")} / std ${p.std.join(", ")}`;
 }
 
 $("#upload-form").addEventListener("submit", async (ev) => {
@@ -53,25 +139,36 @@ $("#upload-form").addEventListener("submit", async (ev) => {
     if (spec === undefined) return;
     if (spec === "required") { archErr.textContent = "A state dict needs its architecture spec."; return; }
     if (spec) fd.append("arch", JSON.stringify(spec));
+    const pre = validatePre();
+    if (pre === undefined) { preSelect.focus(); return; }
+    if (pre) fd.append("preprocessing", JSON.stringify(pre));
   }
   if ($("#ck-dataset").value) fd.append("dataset", $("#ck-dataset").value);
   const bar = $("#upload-progress");
   bar.classList.remove("hidden");
   $("#upload-btn").disabled = true;
   msg.replaceChildren();
+  archErr.textContent = "";
+  preErr.textContent = "";
   try {
-    const ck = await uploadWithProgress("/api/checkpoints/", fd, (p) => {
+    let ck = await uploadWithProgress("/api/checkpoints/", fd, (p) => {
       bar.firstElementChild.style.width = `${(p * 100).toFixed(1)}%`;
       $("#upload-pct").textContent = p < 1 ? `${Math.round(p * 100)}%` : "inspecting…";
     });
+    if (ck.status === "inspecting") loadList();
+    ck = await settled(ck);
     msg.replaceChildren(el("div", { class: "alert ok", text: `Teacher “${ck.name}” is ready.` }));
     $("#upload-form").reset();
     $("#ck-format").textContent = "–";
     archField.classList.add("hidden");
+    preField.classList.add("hidden");
+    validatePre();
     showFound(ck);
     loadList();
   } catch (err) {
     msg.replaceChildren(el("div", { class: "alert error", role: "alert", id: "upload-error" }, el("strong", { text: "Refused: " }), err.message));
+    showFieldError(err.message);
+    loadList();
   } finally {
     bar.classList.add("hidden");
     $("#upload-pct").textContent = "";
@@ -82,6 +179,7 @@ $("#upload-form").addEventListener("submit", async (ev) => {
 // An ONNX file may leave a dimension open (null or a name such as "batch"): shown as "any", never "null".
 function shape(s) { return Array.isArray(s) ? `(${s.map((d) => (typeof d === "number" ? d : "any")).join(" × ")})` : "–"; }
 let datasetNames = new Map();
+let datasetShapes = new Map();
 function stat(v, l) { return el("div", { class: "stat" }, el("div", { class: "v", text: v }), el("div", { class: "l", text: l })); }
 
 function showFound(ck) {
@@ -91,6 +189,7 @@ function showFound(ck) {
       stat(shape(ck.input_shape), "input shape"), stat(ck.num_classes ?? "–", "classes"), stat(ck.format ?? "–", "format")),
     ck.arch ? el("pre", { style: "margin-top:.8rem", text: JSON.stringify(ck.arch) })
       : el("p", { class: "small muted", text: ck.format === "onnx" || ck.format === "torchscript" ? "A program (ONNX/TorchScript): it runs as it is, in the sandbox; no architecture spec is needed." : "No architecture spec recorded." }),
+    ck.preprocessing ? el("p", { class: "small", id: "ck-pre-shown", text: `Input normalisation, applied inside the teacher: ${describePre(ck.preprocessing)}` }) : null,
     Array.isArray(ck.class_names) && ck.class_names.length ? el("p", { class: "small", text: `Classes, in output order: ${ck.class_names.slice(0, 20).join(", ")}${ck.class_names.length > 20 ? ", …" : ""}` }) : null,
     ck.dataset ? el("p", { class: "small", id: "ck-for", text: `For dataset “${datasetNames.get(ck.dataset) ?? `#${ck.dataset}`}”: “Distill this teacher” starts from it.` }) : null,
     el("div", { class: "row", style: "margin-top:1rem" },
@@ -100,8 +199,10 @@ function showFound(ck) {
 function row(c) {
   return el("tr", { "data-id": c.id },
     el("td", {}, el("a", { href: "#", text: c.name, onclick: (e) => { e.preventDefault(); showFound(c); } }),
-      el("div", { class: "small muted show-sm", text: `${fmtCount(c.num_params)} params · ${shape(c.input_shape)} · ${c.num_classes ?? "?"} classes` })),
-    el("td", { class: "hide-sm", text: c.format ?? "–" }), el("td", { class: "num hide-sm", text: fmtCount(c.num_params) }),
+      el("div", { class: "small muted show-sm", text: `${fmtCount(c.num_params)} params · ${shape(c.input_shape)} · ${c.num_classes ?? "?"} classes${c.preprocessing ? " · normalised inputs" : ""}` })),
+    el("td", { class: "hide-sm" }, c.format ?? "–",
+      c.arch?.name ? el("div", { class: "small muted", text: `${c.arch.arch}/${c.arch.name}` }) : null,
+      c.preprocessing ? el("div", { class: "small muted", title: describePre(c.preprocessing), text: "normalised inputs" }) : null), el("td", { class: "num hide-sm", text: fmtCount(c.num_params) }),
     el("td", { class: "mono hide-sm", text: shape(c.input_shape) }), el("td", { class: "num hide-sm", text: c.num_classes ?? "–" }),
     el("td", { class: "hide-sm" }, c.source_experiment ? el("a", { href: `/experiments/${c.source_experiment}/`, text: `experiment #${c.source_experiment}` })
       : c.status === "inspecting" ? "uploaded, being inspected…" : c.status === "failed" ? el("span", { class: "error", text: `refused: ${c.error}` })
@@ -142,6 +243,7 @@ async function loadDatasets() {
   try {
     const list = items(await apiGet("/api/datasets/"));
     datasetNames = new Map(list.map((d) => [d.id, d.name]));
+    datasetShapes = new Map(list.map((d) => [d.id, d.input_shape]));
     $("#ck-dataset").append(...list.filter((d) => !d.status || d.status === "ready").map((d) => el("option", { value: d.id, text: `${d.name} (${Array.isArray(d.input_shape) ? d.input_shape.join("×") : "?"}, ${d.num_classes ?? "?"} classes)` })));
   } catch { /* optional field */ }
 }
