@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import quantile
 from bench.fleet_stack import ROOT, Sampler, count_rows, make_experiments, proc_stat, start_stack
 
 
@@ -232,7 +233,7 @@ class Watcher:
         return expected.issubset(self.seen.keys())
 
 
-def _expected(steps: int, series: int, width: int = 0) -> set[tuple[str, int]]:
+def expected_points(steps: int, series: int, width: int = 0) -> set[tuple[str, int]]:
     return {(name, s) for s in range(steps) for name in series_names(series, width)}
 
 
@@ -256,7 +257,7 @@ async def _clients(args: argparse.Namespace) -> dict[str, Any]:
     while not done_path.exists() and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     totals = json.loads(done_path.read_text()) if done_path.exists() else {}
-    expected = {int(e): _expected(int(n), args.series) for e, n in totals.items()}
+    expected = {int(e): expected_points(int(n), args.series) for e, n in totals.items()}
     grace = min(deadline, time.monotonic() + args.grace)
     while time.monotonic() < grace and not all(
         w.complete(expected.get(w.experiment, set())) for w in watchers
@@ -311,13 +312,6 @@ def clients_main(args: argparse.Namespace) -> None:
 
 
 # ---- the orchestrator (the stack itself: bench/fleet_stack.py) ---------------------------------------------
-def _quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def run_config(stack: Any, cfg: Config, tmp: Path) -> dict[str, Any]:
     ids = make_experiments(stack, cfg.workers)
     run_dir = Path(tempfile.mkdtemp(dir=tmp, prefix="run-"))
@@ -394,9 +388,9 @@ def run_config(stack: Any, cfg: Config, tmp: Path) -> dict[str, Any]:
         "db_missing_rows": logged - db["rows"],
         "ingest_points_per_s": db["rows"] / wall if wall else None,
         "worker_wall_s": wall,
-        "latency_p50_s": _quantile(lat, 0.5),
-        "latency_p95_s": _quantile(lat, 0.95),
-        "latency_p99_s": _quantile(lat, 0.99),
+        "latency_p50_s": quantile(lat, 0.5),
+        "latency_p95_s": quantile(lat, 0.95),
+        "latency_p99_s": quantile(lat, 0.99),
         "latency_max_s": max(lat) if lat else None,
         "live_points_received": len(lat),
         "web_cpu_per_s": sampler.cpu_per_s,

@@ -27,12 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import print_table, write_result
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+from bench.common import print_table, quantile, write_result
 
 
 async def _first_metric_and_latencies(
@@ -232,9 +227,9 @@ def main() -> None:
 
     rows = [
         ["submit -> first metric on WS (s)", statistics.median(firsts), min(firsts), max(firsts), len(firsts)],
-        ["metric latency trainer -> WS p50 (s)", _quantile(latencies, 0.5), min(latencies), max(latencies),
+        ["metric latency trainer -> WS p50 (s)", quantile(latencies, 0.5), min(latencies), max(latencies),
          len(latencies)],
-        ["metric latency trainer -> WS p95 (s)", _quantile(latencies, 0.95), min(latencies), max(latencies),
+        ["metric latency trainer -> WS p95 (s)", quantile(latencies, 0.95), min(latencies), max(latencies),
          len(latencies)],
     ]  # fmt: skip
     print_table(["measure", "median/value", "min", "max", "n"], rows)
@@ -245,7 +240,7 @@ def main() -> None:
         "system",
         {
             "submit_to_first_metric_s": firsts,
-            "metric_latency_s": {"p50": _quantile(latencies, 0.5), "p95": _quantile(latencies, 0.95),
+            "metric_latency_s": {"p50": quantile(latencies, 0.5), "p95": quantile(latencies, 0.95),
                                  "n": len(latencies)},
             "upload": upload,
         },

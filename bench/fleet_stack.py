@@ -28,7 +28,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def start_stack(tmp: Path, web: int, extra_env: dict[str, str] | None = None) -> Any:
     """uvicorn (`web` processes) + private Redis + migrated database; no Celery worker (the bench is one)."""
-    from tests.stack import WEB_CMD, Stack, _postgres_database, free_port
+    from tests.stack import WEB_CMD, Stack, free_port, postgres_database
     from webapp import redis_server
 
     tmp = Path(tmp)
@@ -52,7 +52,7 @@ def start_stack(tmp: Path, web: int, extra_env: dict[str, str] | None = None) ->
     try:
         db_url = os.environ.get("DATABASE_URL", "")
         if db_url.startswith(("postgres://", "postgresql://")):
-            env["DATABASE_URL"], drop = _postgres_database(db_url)
+            env["DATABASE_URL"], drop = postgres_database(db_url)
             stack._cleanups.append(drop)
         else:
             env["DATABASE_URL"] = f"sqlite:///{tmp / 'db.sqlite3'}"

@@ -236,7 +236,7 @@ class Stack:
 
 
 # -- resources: database and Redis ---------------------------------------------------------------------------
-def _postgres_database(admin_url: str) -> tuple[str, object]:
+def postgres_database(admin_url: str) -> tuple[str, object]:
     import psycopg
 
     name = f"kd_it_{secrets.token_hex(4)}"
@@ -303,7 +303,7 @@ def start_stack(tmp_dir: Path, *, workers: int = 1, extra_env: dict[str, str] | 
     try:
         db_url = os.environ.get("DATABASE_URL", "")
         if db_url.startswith(("postgres://", "postgresql://")):
-            env["DATABASE_URL"], drop = _postgres_database(db_url)
+            env["DATABASE_URL"], drop = postgres_database(db_url)
             stack._cleanups.append(drop)
         else:
             env["DATABASE_URL"] = f"sqlite:///{tmp_dir / 'db.sqlite3'}"

@@ -225,7 +225,7 @@ def convert(row: Any) -> str:
 def finish_conversion(dataset_id: int, token: str, store: str, summary: dict[str, Any], size: int) -> bool:
     """Record the store under `token`; the upload goes now, or (in use by an active experiment) in a sweep."""
     from webapp.studio.models import Experiment
-    from webapp.studio.services import _jsonable
+    from webapp.studio.services import jsonable
     from webapp.studio.storage import delete_quietly
 
     rows = _legacy_rows(dataset_id).filter(ingest_token=token)
@@ -235,7 +235,7 @@ def finish_conversion(dataset_id: int, token: str, store: str, summary: dict[str
     # A job that resolved the upload's path may not have opened it yet: keep it while one is active.
     in_use = Experiment.objects.filter(dataset_id=dataset_id, status__in=Experiment.ACTIVE).exists()
     updated = rows.update(
-        store=store, inspection=_jsonable(summary), size=size, ingest_token="", heartbeat=None, error="",
+        store=store, inspection=jsonable(summary), size=size, ingest_token="", heartbeat=None, error="",
         **({} if in_use else {"file": ""}),
     )  # fmt: skip
     if updated and not in_use:

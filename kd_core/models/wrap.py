@@ -132,7 +132,7 @@ LATENCY_BUDGET_S = 0.5
 OVERHEAD_DOMINATED = 0.5
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
+def quantile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolated quantile of already sorted values (q in [0, 1])."""
     pos = q * (len(sorted_values) - 1)
     lo = math.floor(pos)
@@ -194,8 +194,8 @@ def _cpu_latency(
     median = statistics.median(times)
     out: dict[str, Any] = {
         "median_ms": median,
-        "p10_ms": _quantile(times, 0.10),
-        "p90_ms": _quantile(times, 0.90),
+        "p10_ms": quantile(times, 0.10),
+        "p90_ms": quantile(times, 0.90),
         "repeats": len(times),
         "batch_size": 1,
         "threads": torch.get_num_threads(),

@@ -184,11 +184,11 @@ def test_model_stats_latency_is_a_time_bounded_median_with_its_spread():
 
 
 def test_cpu_latency_quantiles_of_known_times():
-    from kd_core.models.wrap import _quantile, cpu_latency
+    from kd_core.models.wrap import cpu_latency, quantile
 
-    assert _quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
-    assert _quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.1) == pytest.approx(1.4)
-    assert _quantile([7.0], 0.9) == 7.0
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.1) == pytest.approx(1.4)
+    assert quantile([7.0], 0.9) == 7.0
 
     # A callable that cannot take a batch still gets its single-sample figures, without an overhead figure.
     def one_only(x):

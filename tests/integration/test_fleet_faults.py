@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_fleet import Watcher, _expected, spawn_worker
+from bench.bench_fleet import Watcher, expected_points, spawn_worker
 from bench.fleet_stack import count_rows, make_experiments, start_redis, start_stack, stop_redis
 
 # A socket whose backlog passes this many values (about 1 s of the first test's job), or whose send waits 3 s,
@@ -125,7 +125,7 @@ def _watch(
                 proc.kill()
             proc.wait(5)
         report = json.loads(out.read_text())
-        want = _expected(report["steps"], series, width)
+        want = expected_points(report["steps"], series, width)
         until = time.monotonic() + grace
         while time.monotonic() < until and not all(want <= set(w.seen) | w.history for w in watchers):
             await asyncio.sleep(0.1)

@@ -160,7 +160,7 @@ def create_dataset(owner, upload: UploadedFile, name: str | None, options: dict[
             Dataset.objects.filter(pk=dataset.pk).delete()
             raise
     upload_name = dataset.file.name
-    dataset.inspection, dataset.store, dataset.size = _jsonable(summary), store, size
+    dataset.inspection, dataset.store, dataset.size = jsonable(summary), store, size
     dataset.status, dataset.progress, dataset.file = Dataset.READY, 1.0, ""
     dataset.save()
     delete_quietly(upload_name)  # the row no longer names it
@@ -240,7 +240,7 @@ def finish_ingest(dataset_id: int, token: str, store: str, summary: dict[str, An
     """
     row = Dataset.objects.filter(pk=dataset_id).values_list("file", flat=True).first()
     updated = Dataset.objects.filter(pk=dataset_id, status=Dataset.INGESTING, ingest_token=token).update(
-        status=Dataset.READY, store=store, inspection=_jsonable(summary), size=size, progress=1.0,
+        status=Dataset.READY, store=store, inspection=jsonable(summary), size=size, progress=1.0,
         error="", file="", ingest_token="",
     )  # fmt: skip
     if updated and row:
@@ -279,7 +279,7 @@ def builtin_dataset(owner, name: str) -> Dataset:
     if existing:
         return existing
     try:
-        inspection = _jsonable(inspect_dataset(name))
+        inspection = jsonable(inspect_dataset(name))
     except DatasetError as exc:
         raise ApiError(str(exc)) from None
     return Dataset.objects.create(owner=owner, name=name, format="builtin", inspection=inspection)
@@ -368,7 +368,7 @@ def create_checkpoint(
                 sandbox_limits=inspection_limits(),
                 preprocessing=preprocessing,
             )
-        _fill_checkpoint(checkpoint, _jsonable(info))
+        _fill_checkpoint(checkpoint, jsonable(info))
         checkpoint.save()
     return checkpoint
 
@@ -397,7 +397,7 @@ def finish_checkpoint_inspection(checkpoint_id: int, info: dict[str, Any]) -> bo
     checkpoint = Checkpoint.objects.filter(pk=checkpoint_id, status=Checkpoint.INSPECTING).first()
     if checkpoint is None:
         return False
-    _fill_checkpoint(checkpoint, _jsonable(info))
+    _fill_checkpoint(checkpoint, jsonable(info))
     names = ("format", "arch", "num_params", "input_shape", "num_classes")
     fields = {f: getattr(checkpoint, f) for f in names}
     updated = Checkpoint.objects.filter(pk=checkpoint_id, status=Checkpoint.INSPECTING).update(
@@ -444,7 +444,7 @@ def register_trained_model(experiment: Experiment, path: str) -> Checkpoint:
         return existing
     from kd_core.checkpoints import inspect_checkpoint
 
-    info = _jsonable(inspect_checkpoint(str(path)))
+    info = jsonable(inspect_checkpoint(str(path)))
     checkpoint = Checkpoint(
         owner_id=experiment.owner_id,
         name=experiment.name[:200],  # the list shows where it came from; the id would be said twice
@@ -822,12 +822,12 @@ def _revoke(task_id: str) -> None:
         log.warning("could not revoke task %s", task_id, exc_info=True)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """kd_core answers may hold tuples or numpy scalars; make them plain JSON values."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item") and callable(value.item):
         return value.item()
     return value
